@@ -1,0 +1,326 @@
+"""``cxr-worker``: the command line (the composition root for one-shot commands).
+
+Exit codes: 0 success; 1 the command ran but something failed (an input not scored, a peer
+that did not answer, a replay with failures); 2 usage or configuration errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cxr_worker import __version__
+from cxr_worker.errors import ConfigError, CxrWorkerError
+from cxr_worker.settings import Settings, load_settings
+
+logger = logging.getLogger("cxr_worker")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(getattr(args, "config", None))
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, sort_keys=False), flush=True)
+
+
+# -- serve / echo / db ------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cxr_worker.service import serve
+
+    return serve(_settings(args), migrate=not args.no_migrate)
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    from cxr_worker import send
+
+    s = _settings(args)
+    if args.self:
+        peer = send.Peer(s.listener.ae_title, s.listener.host, s.listener.port,
+                         "CXR_ECHO", s.pacs.timeout_seconds)
+    elif not s.pacs_configured:
+        print("no PACS configured: set [pacs] ae_title, host and port (or use --self)",
+              file=sys.stderr)
+        return EXIT_USAGE
+    else:
+        peer = send.Peer(s.pacs.ae_title, s.pacs.host, s.pacs.port, s.listener.ae_title,
+                         s.pacs.timeout_seconds)
+    target = f"{peer.ae_title}@{peer.host}:{peer.port}"
+    try:
+        send.echo(peer)
+    except CxrWorkerError as exc:
+        print(f"C-ECHO {target} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"C-ECHO {target}: success")
+    return EXIT_OK
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    from cxr_worker.worklist import queue, schema
+
+    s = _settings(args)
+    if s.database_url.startswith("sqlite"):
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = queue.make_engine(s.database_url)
+    if args.db_command == "upgrade":
+        rev = schema.upgrade(engine, args.revision)
+        print(f"database at revision {rev} (head {schema.head_revision()})")
+    else:
+        print(f"database at revision {schema.current_revision(engine)} "
+              f"(head {schema.head_revision()})")
+    return EXIT_OK
+
+
+# -- worklist ---------------------------------------------------------------------------
+def _t(v: dt.datetime | None) -> str:
+    return v.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S") if v else "-"
+
+
+def cmd_worklist(args: argparse.Namespace) -> int:
+    from cxr_worker.worklist import queue, studies
+
+    s = _settings(args)
+    engine = queue.make_engine(s.database_url)
+    rows = studies.triage_list(engine, args.status, args.limit)
+    if args.json:
+        for r in rows:
+            _print_json(r.as_json())
+        return EXIT_OK
+    header = f"{'RESULT':<22} {'PROB':>5} {'STATUS':<10} {'ACCESSION':<16} {'RECEIVED':<19} " \
+             f"{'SCORED':<19} {'SENT':<19} STUDY INSTANCE UID / MODEL / REASON"
+    print(header)
+    for r in rows:
+        prob = f"{r.probability:.3f}" if r.probability is not None else "-"
+        extra = r.model_version or ""
+        if r.outside_population:
+            extra += " [outside validated population]"
+        if r.reason and r.status != "sent":
+            extra += f" ({r.reason})"
+        label = r.label if r.status != "not_scored" else "NOT SCORED"
+        print(f"{label:<22} {prob:>5} {r.status:<10} {r.accession_number or '-':<16} "
+              f"{_t(r.received_at):<19} {_t(r.scored_at):<19} {_t(r.sent_at):<19} "
+              f"{r.study_instance_uid} {extra}".rstrip())
+    if not rows:
+        print("(no studies)")
+    return EXIT_OK
+
+
+# -- score ------------------------------------------------------------------------------
+def _score_one(path: Path, scorer: Any, gate_cfg: Any) -> dict[str, Any]:
+    from pydicom import dcmread
+    from pydicom.errors import InvalidDicomError
+
+    from cxr_worker import decode, gate
+    from cxr_worker.errors import NotScoredError
+    from cxr_worker.model.preprocess import load_grey_image, to_model_input
+
+    out: dict[str, Any] = {"path": str(path)}
+    note = None
+    try:
+        if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+            try:
+                x = to_model_input(load_grey_image(path))
+            except OSError as exc:
+                raise NotScoredError(f"unreadable image: {exc}") from exc
+        else:
+            try:
+                ds = dcmread(path)
+            except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as exc:
+                raise NotScoredError(f"unreadable DICOM file: {exc}") from exc
+            note = gate.check(ds, gate_cfg).note
+            x = decode.model_input(ds)
+    except NotScoredError as exc:
+        return {**out, "scored": False, "reason": exc.reason,
+                "rule": getattr(exc, "rule", None)}
+    except OSError as exc:
+        return {**out, "scored": False, "reason": f"cannot read: {exc.strerror or exc}",
+                "rule": None}
+    sc = scorer.score(x)
+    out.update(scored=True, probability=sc.probability, label=sc.label,
+               threshold=sc.threshold, model_version=sc.model_version)
+    if note:
+        out["note"] = note
+    return out
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from cxr_worker.service import gate_config, load_scorer
+
+    s = _settings(args)
+    scorer = load_scorer(s)
+    gate_cfg = gate_config(s)
+    paths: list[Path] = []
+    for p in map(Path, args.paths):
+        paths.extend(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
+    failures = 0
+    for p in paths:
+        res = _score_one(p, scorer, gate_cfg)
+        failures += not res["scored"]
+        if args.json:
+            _print_json(res)
+        elif res["scored"]:
+            print(f"{p}: {res['label']} p={res['probability']:.3f} "
+                  f"(threshold {res['threshold']:.3f}, {res['model_version']})"
+                  + (f" [{res['note']}]" if "note" in res else ""))
+        else:
+            print(f"{p}: NOT SCORED: {res['reason']}")
+    return EXIT_FAILED if failures else EXIT_OK
+
+
+# -- replay -----------------------------------------------------------------------------
+def cmd_replay(args: argparse.Namespace) -> int:
+    from cxr_worker import replay
+
+    s = _settings(args)
+    try:
+        since = dt.datetime.fromisoformat(args.since) if args.since else None
+    except ValueError:
+        print(f"--since: not an ISO date/time: {args.since!r}", file=sys.stderr)
+        return EXIT_USAGE
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=dt.UTC)
+    results = replay.run(s, paths=[Path(p) for p in args.paths], study=args.study, since=since,
+                         dry_run=args.dry_run, send=not args.no_send)
+    for r in results:
+        if args.json:
+            _print_json(r)
+        else:
+            print(" ".join(f"{k}={v}" for k, v in r.items() if v is not None))
+    if not results:
+        print("nothing to replay", file=sys.stderr)
+        return EXIT_FAILED
+    bad = [r for r in results if r.get("status") in ("failed", "not_scored", "error")]
+    return EXIT_FAILED if bad else EXIT_OK
+
+
+# -- model --------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from cxr_worker.training.train import TrainConfig, run
+
+    run(TrainConfig(
+        data_dir=Path(args.data), weights=Path(args.weights), out_dir=Path(args.out),
+        alpha=args.alpha, head_epochs=args.head_epochs, finetune_epochs=args.finetune_epochs,
+        batch_size=args.batch_size, seed=args.seed, val_fraction=args.val_fraction,
+        min_sensitivity=args.min_sensitivity, max_images=args.max_images,
+        steps_per_epoch=args.steps_per_epoch))
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cxr_worker.training.evaluate import evaluate
+
+    s = _settings(args)
+    result = evaluate(Path(args.data), Path(args.out) if args.out else None,
+                      s.model.path or None, s.model.threshold)
+    _print_json(result) if args.json else print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+# -- parser -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help="TOML settings file (default: $CXR_WORKER_CONFIG)")
+    common.add_argument("--log-level", default=argparse.SUPPRESS,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p = argparse.ArgumentParser(
+        prog="cxr-worker", parents=[common],
+        description="Chest X-ray pneumonia triage worker (DICOM in, Secondary Capture out).")
+    p.add_argument("--version", action="version", version=f"cxr-worker {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sp = sub.add_parser("serve", parents=[common], help="run the listener and the jobs")
+    sp.add_argument("--no-migrate", action="store_true",
+                    help="do not upgrade the database schema at start-up")
+    sp.set_defaults(func=cmd_serve)
+
+    sp = sub.add_parser("echo", parents=[common], help="C-ECHO the configured PACS")
+    sp.add_argument("--self", action="store_true", help="C-ECHO this worker's listener instead")
+    sp.set_defaults(func=cmd_echo)
+
+    from cxr_worker.worklist.studies import STATUS_FILTERS
+
+    sp = sub.add_parser("worklist", parents=[common],
+                        help="the triage list: suspected pneumonia first")
+    sp.add_argument("--status", choices=STATUS_FILTERS)
+    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--json", action="store_true", help="one JSON object per line")
+    sp.set_defaults(func=cmd_worklist)
+
+    sp = sub.add_parser("replay", parents=[common],
+                        help="push stored or given images through the pipeline again")
+    sp.add_argument("paths", nargs="*", metavar="FILE|DIR")
+    sp.add_argument("--study", metavar="UID", help="every stored image of this study")
+    sp.add_argument("--since", metavar="TIME", help="every stored image received since "
+                    "this ISO time (UTC unless it names a zone)")
+    sp.add_argument("--dry-run", action="store_true", help="list what would be replayed")
+    sp.add_argument("--no-send", action="store_true",
+                    help="build the results but do not send them (status 'held')")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_replay)
+
+    sp = sub.add_parser("score", parents=[common],
+                        help="score DICOM, PNG or JPEG files without the service")
+    sp.add_argument("paths", nargs="+", metavar="PATH")
+    sp.add_argument("--json", action="store_true", help="one JSON object per input")
+    sp.set_defaults(func=cmd_score)
+
+    sp = sub.add_parser("db", parents=[common], help="database schema")
+    dbsub = sp.add_subparsers(dest="db_command", required=True)
+    up = dbsub.add_parser("upgrade", parents=[common], help="apply migrations (Alembic)")
+    up.add_argument("revision", nargs="?", default="head")
+    dbsub.add_parser("current", parents=[common], help="show the schema revision")
+    sp.set_defaults(func=cmd_db)
+
+    sp = sub.add_parser("train", parents=[common], help="train the pneumonia model")
+    sp.add_argument("--data", required=True, help="folder with NORMAL/ and PNEUMONIA/")
+    sp.add_argument("--weights", required=True, help="MobileNetV2 ImageNet no_top .h5 file")
+    sp.add_argument("--out", required=True, help="output folder (model, TFLite, card)")
+    sp.add_argument("--alpha", type=float, default=0.5)
+    sp.add_argument("--head-epochs", type=int, default=2)
+    sp.add_argument("--finetune-epochs", type=int, default=3)
+    sp.add_argument("--batch-size", type=int, default=32)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--val-fraction", type=float, default=0.15)
+    sp.add_argument("--min-sensitivity", type=float, default=0.98)
+    sp.add_argument("--max-images", type=int, help="train on a stratified subset (smoke runs)")
+    sp.add_argument("--steps-per-epoch", type=int, help="cap batches per epoch (smoke runs)")
+    sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser("evaluate", parents=[common],
+                        help="metrics and plots of the model on a NORMAL/PNEUMONIA folder")
+    sp.add_argument("--data", required=True)
+    sp.add_argument("--out", help="folder for metrics.json and the PNG plots")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("pynetdicom", "apscheduler", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"cxr-worker: configuration error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except CxrWorkerError as exc:
+        print(f"cxr-worker: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Pixel data to the model's input: pure functions, each step testable alone.
+
+``stored values -> Modality LUT -> VOI (window or LUT) -> inversion -> padding -> [0, 255]
+-> cxr_worker.model.preprocess.to_model_input``
+
+Decisions (see README "Decoding"):
+
+- Multi-frame images: the first frame is scored.
+- Colour (anything but MONOCHROME1/2, Samples per Pixel 1) is refused with a reason.
+- VOI: the first window (or first VOI LUT) is used; LINEAR, LINEAR_EXACT and SIGMOID follow
+  PS3.3 C.11.2.1.2. With no VOI information, 8-bit data is taken as display values already
+  (it is what a JPEG of the radiograph would hold); deeper data gets a robust window from the
+  0.5th to the 99.5th percentile of the non-padding pixels, which one hot pixel cannot ruin.
+- Inversion: MONOCHROME1 (minimum is white) is inverted; so is MONOCHROME2 with Presentation
+  LUT Shape INVERSE. MONOCHROME1 with INVERSE (what DX requires) is inverted once.
+- Padding (Pixel Padding Value / Range Limit) is excluded from the automatic window and shown
+  black.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from pydicom.dataset import Dataset
+
+from cxr_worker.errors import DecodeError, UnsupportedTransferSyntaxError
+from cxr_worker.model.preprocess import to_model_input
+
+logger = logging.getLogger(__name__)
+
+MIN_SIDE = 64
+MAX_SIDE = 8192
+AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
+
+FloatImage = NDArray[np.float64]
+
+
+def check_header(ds: Dataset) -> None:
+    """Refuse what cannot be a grey radiograph before touching the pixel data."""
+    if "PixelData" not in ds:
+        raise DecodeError("no Pixel Data")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DecodeError(f"colour or unsupported Photometric Interpretation {photometric!r}; "
+                          "only MONOCHROME1/MONOCHROME2 radiographs are scored")
+    if int(ds.get("SamplesPerPixel", 1)) != 1:
+        raise DecodeError("more than one sample per pixel: only grey images are scored")
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    if not (MIN_SIDE <= rows <= MAX_SIDE and MIN_SIDE <= cols <= MAX_SIDE):
+        raise DecodeError(f"image size {rows}x{cols} outside {MIN_SIDE}..{MAX_SIDE} pixels a side")
+    bits = int(ds.get("BitsAllocated", 0))
+    if bits not in (8, 16):
+        raise DecodeError(f"Bits Allocated {bits} not supported (8 or 16)")
+
+
+def stored_pixels(ds: Dataset) -> NDArray[Any]:
+    """The first frame's stored values, decoded with the installed plug-ins."""
+    check_header(ds)
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    try:
+        from pydicom.pixels import pixel_array
+
+        arr = pixel_array(ds, index=0 if int(ds.get("NumberOfFrames", 1) or 1) > 1 else None)
+    except NotImplementedError as exc:
+        raise UnsupportedTransferSyntaxError(
+            f"no installed decoder for transfer syntax {ts}: {exc}") from exc
+    except (ValueError, RuntimeError, EOFError, OSError, KeyError, TypeError, IndexError) as exc:
+        raise DecodeError(f"pixel data cannot be decoded ({ts}): {exc}") from exc
+    if arr.ndim != 2:
+        raise DecodeError(f"decoded pixel data has shape {arr.shape}, expected one grey frame")
+    return arr
+
+
+def padding_mask(ds: Dataset, stored: NDArray[Any]) -> NDArray[np.bool_] | None:
+    """True where a pixel is padding (PS3.3 C.7.5.1.1.2), on stored values."""
+    if "PixelPaddingValue" not in ds:
+        return None
+    value = int(ds.PixelPaddingValue)
+    limit = ds.get("PixelPaddingRangeLimit")
+    if limit is None:
+        return stored == value
+    lo, hi = sorted((value, int(limit)))
+    return (stored >= lo) & (stored <= hi)
+
+
+def modality_lut(ds: Dataset, stored: NDArray[Any]) -> FloatImage:
+    """Rescale slope/intercept, or the Modality LUT Sequence (PS3.3 C.11.1)."""
+    if "ModalityLUTSequence" in ds and len(ds.ModalityLUTSequence):
+        return _apply_lut(ds.ModalityLUTSequence[0], stored)
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    return stored.astype(np.float64) * slope + intercept
+
+
+def _apply_lut(item: Dataset, values: NDArray[Any]) -> FloatImage:
+    desc = [int(v) for v in item.LUTDescriptor]
+    n_entries = desc[0] or 65536
+    first = desc[1]
+    data = item.LUTData if "LUTData" in item else None
+    if data is None:
+        raise DecodeError("LUT without LUT Data")
+    table = np.asarray(data if not isinstance(data, bytes) else np.frombuffer(
+        data, dtype=np.uint16 if desc[2] > 8 else np.uint8), dtype=np.float64).ravel()
+    if table.size < n_entries:
+        raise DecodeError(f"LUT Data has {table.size} entries, descriptor says {n_entries}")
+    idx = np.clip(np.round(values).astype(np.int64) - first, 0, n_entries - 1)
+    return table[idx]
+
+
+def voi_window(values: FloatImage, center: float, width: float, function: str = "LINEAR"
+               ) -> FloatImage:
+    """Window to [0, 1] (PS3.3 C.11.2.1.2)."""
+    function = (function or "LINEAR").upper()
+    if function == "SIGMOID":
+        if width <= 0:
+            raise DecodeError(f"window width {width} must be > 0")
+        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+    if function == "LINEAR_EXACT":
+        if width <= 0:
+            raise DecodeError(f"window width {width} must be > 0")
+        return np.clip((values - (center - width / 2.0)) / width, 0.0, 1.0)
+    if width < 1:
+        raise DecodeError(f"window width {width} must be >= 1 for LINEAR")
+    return np.clip(((values - (center - 0.5)) / (width - 1.0)) + 0.5, 0.0, 1.0)
+
+
+def _first(value: Any) -> float:
+    try:
+        return float(value[0]) if hasattr(value, "__len__") and not isinstance(value, str) \
+            else float(value)
+    except (TypeError, ValueError, IndexError) as exc:
+        raise DecodeError(f"unreadable window value {value!r}") from exc
+
+
+def voi(ds: Dataset, values: FloatImage, mask: NDArray[np.bool_] | None) -> FloatImage:
+    """Display values in [0, 1] from modality values."""
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        item = ds.VOILUTSequence[0]
+        out = _apply_lut(item, values)
+        bits = int(item.LUTDescriptor[2])
+        return np.clip(out / float(2**bits - 1), 0.0, 1.0)
+    if "WindowCenter" in ds and "WindowWidth" in ds:
+        function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
+        return voi_window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
+    bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))
+    has_rescale = "ModalityLUTSequence" in ds or float(ds.get("RescaleSlope", 1) or 1) != 1 \
+        or float(ds.get("RescaleIntercept", 0) or 0) != 0
+    if bits_stored <= 8 and not has_rescale and int(ds.get("PixelRepresentation", 0)) == 0:
+        return values / 255.0
+    sample = values[~mask] if mask is not None and (~mask).any() else values.ravel()
+    lo, hi = np.percentile(sample, AUTO_WINDOW_PERCENTILES)
+    if hi <= lo:
+        raise DecodeError("image has no contrast (all pixels equal)")
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def needs_inversion(ds: Dataset) -> bool:
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    shape = str(ds.get("PresentationLUTShape", "")).strip().upper()
+    return photometric == "MONOCHROME1" or shape == "INVERSE"
+
+
+def display_image(ds: Dataset) -> FloatImage:
+    """The radiograph as a radiologist would see it: [0, 255], bone bright, padding black."""
+    stored = stored_pixels(ds)
+    mask = padding_mask(ds, stored)
+    shown = voi(ds, modality_lut(ds, stored), mask)
+    if needs_inversion(ds):
+        shown = 1.0 - shown
+    if mask is not None:
+        shown = np.where(mask, 0.0, shown)
+    if not np.isfinite(shown).all():
+        raise DecodeError("pixel values are not finite after the LUTs")
+    return shown * 255.0
+
+
+def model_input(ds: Dataset) -> NDArray[np.float32]:
+    """Dataset -> (224, 224, 3) float32, through the model's preprocessing contract."""
+    return to_model_input(display_image(ds))

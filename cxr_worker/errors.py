@@ -1,0 +1,64 @@
+"""The worker's exceptions, one tree.
+
+    CxrWorkerError
+    ├── ConfigError            invalid settings; start-up stops with the key named
+    ├── ModelIntegrityError    model file missing, or its sha256 differs from the model card
+    ├── NotScoredError         an image that is kept but not scored; ``reason`` is recorded
+    │   ├── OutOfScopeError    the gate refused it (``rule`` names the rule)
+    │   └── DecodeError        its pixels cannot be turned into model input
+    │       └── UnsupportedTransferSyntaxError
+    ├── SpoolError             the spool could not store a dataset durably
+    └── SendError              the PACS refused or could not be reached (retried later)
+
+Every error that reaches the worklist or a CLI's JSON carries a short, patient-free reason.
+"""
+
+from __future__ import annotations
+
+
+class CxrWorkerError(Exception):
+    """Base of every error the worker raises on purpose."""
+
+
+class ConfigError(CxrWorkerError):
+    """A setting is missing or invalid; the message names the key."""
+
+
+class ModelIntegrityError(CxrWorkerError):
+    """The model or its card cannot be trusted."""
+
+
+class NotScoredError(CxrWorkerError):
+    """An image the worker keeps but does not score. ``reason`` is what the worklist shows."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class OutOfScopeError(NotScoredError):
+    """The input gate refused the image; ``rule`` is the rule's name (e.g. ``view_position``)."""
+
+    def __init__(self, rule: str, detail: str) -> None:
+        super().__init__(f"out of scope ({rule}): {detail}")
+        self.rule = rule
+
+
+class DecodeError(NotScoredError):
+    """The pixel data cannot be decoded to the model input."""
+
+
+class UnsupportedTransferSyntaxError(DecodeError):
+    """No installed decoder handles the transfer syntax."""
+
+
+class SpoolError(CxrWorkerError):
+    """A received dataset could not be stored durably."""
+
+
+class SendError(CxrWorkerError):
+    """A C-STORE to the PACS failed; ``status`` is the DICOM status when one came back."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status

@@ -1,0 +1,1 @@
+"""The pneumonia model: its preprocessing contract, architecture, card and serving runtime."""

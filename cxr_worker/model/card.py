@@ -1,0 +1,123 @@
+"""The model card: what the shipped model is, how it was validated, and where it may be used.
+
+The card is JSON (read by the service: version, threshold, file hashes) plus a Markdown
+rendering for people. Loading a model always goes through :func:`verify_file`, so a model file
+that does not match its card is never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from cxr_worker.errors import ModelIntegrityError
+
+CARD_FILE = "model_card.json"
+CARD_MARKDOWN = "MODEL_CARD.md"
+KERAS_FILE = "pneumonia.keras"
+TFLITE_FILE = "pneumonia.tflite"
+
+INTENDED_USE = (
+    "Triage aid that moves chest radiographs with suspected pneumonia forward in the reading "
+    "queue. Not a diagnosis: every study is still read by a radiologist, and a negative "
+    "result does not remove a study from the queue."
+)
+POPULATION = (
+    "Paediatric frontal (PA/AP) chest radiographs of children aged 1 to 5 years, from the "
+    "Guangzhou Women and Children's Medical Center (Kermany et al. 2018). Adults, lateral "
+    "views and other institutions' equipment are not validated."
+)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_card(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / CARD_FILE
+    try:
+        card: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelIntegrityError(f"model card not found: {path}") from exc
+    except json.JSONDecodeError as exc:
+        raise ModelIntegrityError(f"model card {path} is not valid JSON: {exc}") from exc
+    for key in ("model_version", "threshold", "files"):
+        if key not in card:
+            raise ModelIntegrityError(f"model card {path} lacks '{key}'")
+    return card
+
+
+def verify_file(model_dir: str | Path, file_name: str, card: dict[str, Any]) -> Path:
+    """Return the model file's path after checking its sha256 against the card."""
+    path = Path(model_dir) / file_name
+    expected = card["files"].get(file_name, {}).get("sha256")
+    if expected is None:
+        raise ModelIntegrityError(f"model card names no sha256 for {file_name}")
+    if not path.is_file():
+        raise ModelIntegrityError(f"model file missing: {path}")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise ModelIntegrityError(
+            f"{path} has sha256 {actual}, the model card expects {expected}: refusing to load"
+        )
+    return path
+
+
+def write_card(model_dir: str | Path, card: dict[str, Any]) -> None:
+    model_dir = Path(model_dir)
+    (model_dir / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n", encoding="utf-8")
+    (model_dir / CARD_MARKDOWN).write_text(render_markdown(card), encoding="utf-8")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def render_markdown(card: dict[str, Any]) -> str:
+    val = card.get("validation", {})
+    at = val.get("at_threshold", {})
+    data = card.get("training_data", {})
+    lines = [
+        f"# Model card: {card['model_version']}",
+        "",
+        "## Intended use",
+        card.get("intended_use", INTENDED_USE),
+        "",
+        "## Population",
+        card.get("population", POPULATION),
+        "",
+        "## Architecture",
+        card.get("architecture", ""),
+        "",
+        "## Files",
+        *[f"- `{name}`: sha256 `{meta['sha256']}`" for name, meta in card["files"].items()],
+        "",
+        "## Training data",
+        f"- source: {data.get('source', '')}",
+        f"- images per class (train): {data.get('train_counts', {})}",
+        f"- images per class (validation): {data.get('validation_counts', {})}",
+        f"- split: {data.get('split', '')}",
+        f"- file list sha256: `{data.get('file_list_sha256', '')}`",
+        "",
+        "## Decision threshold",
+        f"- threshold: {_fmt(card['threshold'])}",
+        f"- policy: {card.get('threshold_policy', '')}",
+        "",
+        "## Validation (patient-grouped split of the training data)",
+        f"- ROC AUC: {_fmt(val.get('auc'))} (95% bootstrap CI {val.get('auc_ci95')})",
+        *[f"- {k}: {_fmt(v)}" for k, v in at.items()],
+        "",
+        "Validation images come from the same acquisitions as the training images and flatter the "
+        "model; expect lower specificity on other sites' images.",
+        "",
+        "## Training",
+        *[f"- {k}: {_fmt(v)}" for k, v in card.get("training", {}).items()],
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""The DICOM listener: C-ECHO and C-STORE SCP (pynetdicom).
+
+Runs on pynetdicom's per-association threads while the modality waits, so the C-STORE handler
+does only durable work: write the Part 10 file to the spool (temp, fsync, rename), insert the
+job row, then answer 0x0000. It never decodes pixels or scores. Failures are DICOM statuses,
+never exceptions (PS3.4 Annex B.2.3 / GG.4):
+
+- 0xA700 Refused: Out of Resources, when the file or the row cannot be written (disk full);
+- 0xA900 Error: Data Set does not match SOP Class, when it has no Pixel Data or no UIDs;
+- 0xC210 Error: Cannot understand, when the data set cannot be parsed at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
+from sqlalchemy import Engine
+
+from cxr_worker.errors import SpoolError
+from cxr_worker.spool import Spool, atomic_write
+from cxr_worker.worklist import queue
+
+logger = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC210
+
+ACCEPTED_STORAGE = (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    SecondaryCaptureImageStorage,
+)
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    ae_title: str
+    allowed_calling_ae_titles: tuple[str, ...]
+    accept_dx_for_processing: bool
+
+
+def storage_classes(cfg: ListenerConfig) -> tuple[str, ...]:
+    extra = (DigitalXRayImageStorageForProcessing,) if cfg.accept_dx_for_processing else ()
+    return tuple(str(c) for c in ACCEPTED_STORAGE + extra)
+
+
+def transfer_syntaxes() -> list[str]:
+    """Every transfer syntax pydicom can read and, for encapsulated ones, decode here."""
+    from pydicom.pixels.decoders.base import get_decoder
+
+    out = []
+    for ts in ALL_TRANSFER_SYNTAXES:
+        uid = UID(ts)
+        if not uid.is_compressed:
+            out.append(ts)
+            continue
+        try:
+            if get_decoder(uid).is_available:
+                out.append(ts)
+        except NotImplementedError:
+            continue
+    return out
+
+
+def make_ae(cfg: ListenerConfig) -> AE:
+    ae = AE(ae_title=cfg.ae_title)
+    ae.maximum_pdu_size = 0  # no limit: fewer, larger P-DATA PDUs for 10 MB images
+    ae.add_supported_context(Verification)
+    syntaxes = transfer_syntaxes()
+    for sop_class in storage_classes(cfg):
+        ae.add_supported_context(sop_class, syntaxes)
+    if cfg.allowed_calling_ae_titles:
+        ae.require_calling_aet = list(cfg.allowed_calling_ae_titles)
+    return ae
+
+
+def handle_echo(event: Any) -> int:
+    return STATUS_SUCCESS
+
+
+def _write_part10(event: Any) -> Callable[[BinaryIO], None]:
+    def write(f: BinaryIO) -> None:
+        f.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(f, event.file_meta)
+        f.write(event.request.DataSet.getvalue())
+
+    return write
+
+
+def handle_store(event: Any, engine: Engine, spool: Spool, on_stored: Callable[[], None]) -> int:
+    """C-STORE: spool durably, insert the row, acknowledge."""
+    try:
+        ds = event.dataset
+        sop_uid = str(ds.SOPInstanceUID)
+        study_uid = str(ds.StudyInstanceUID)
+        series_uid = str(ds.SeriesInstanceUID)
+        has_pixels = "PixelData" in ds
+        accession = str(ds.get("AccessionNumber", "") or "")[:16]
+    except AttributeError as exc:
+        logger.warning("C-STORE refused: data set lacks %s", exc)
+        return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
+    except Exception:
+        logger.exception("C-STORE refused: cannot parse the data set")
+        return STATUS_CANNOT_UNDERSTAND
+    if not has_pixels:
+        logger.warning("C-STORE refused: %s has no Pixel Data", sop_uid)
+        return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
+    path = spool.image_path(study_uid, sop_uid)
+    try:
+        atomic_write(path, _write_part10(event))
+        new = queue.enqueue(
+            engine,
+            sop_instance_uid=sop_uid,
+            sop_class_uid=str(event.request.AffectedSOPClassUID),
+            study_instance_uid=study_uid,
+            series_instance_uid=series_uid,
+            accession_number=accession,
+            calling_ae_title=str(event.assoc.requestor.ae_title).strip(),
+            transfer_syntax_uid=str(event.file_meta.TransferSyntaxUID),
+            spool_path=str(path),
+        )
+    except SpoolError:
+        logger.exception("C-STORE %s refused: out of resources", sop_uid)
+        return STATUS_OUT_OF_RESOURCES
+    except Exception:
+        # the database is down or full: the sender keeps the image and retries
+        logger.exception("C-STORE %s refused: cannot record the job", sop_uid)
+        return STATUS_OUT_OF_RESOURCES
+    logger.info("received %s (study %s)%s", sop_uid, study_uid, "" if new else " again")
+    on_stored()
+    return STATUS_SUCCESS
+
+
+def handlers(engine: Engine, spool: Spool, on_stored: Callable[[], None]) -> list[Any]:
+    return [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [engine, spool, on_stored]),
+    ]

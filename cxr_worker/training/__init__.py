@@ -1,0 +1,1 @@
+"""Training, evaluation and explanation of the pneumonia model (imports TensorFlow lazily)."""

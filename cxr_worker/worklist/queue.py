@@ -1,0 +1,224 @@
+"""The database as the job queue: idempotent enqueue, leased claims, retries, dead letters.
+
+A claim sets ``lease_owner`` and ``lease_expires_at``; a worker that dies (``kill -9``) leaves
+an expired lease that any worker may take over. Every completion is conditional on the lease
+still being ours, so a job re-queued meanwhile (a duplicate C-STORE, a replay) is never
+overwritten by a stale result. On PostgreSQL candidates are selected ``FOR UPDATE SKIP
+LOCKED``; on SQLite (WAL, busy timeout) the conditional UPDATE alone arbitrates.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from sqlalchemy import Engine, create_engine, event, or_, select, true, update
+from sqlalchemy.orm import Session
+
+from cxr_worker.worklist.models import Instance, Status, utcnow
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["process", "send"]
+
+
+def make_engine(url: str) -> Engine:
+    """An engine; SQLite gets WAL, a busy timeout and full fsync on commit."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(conn: Any, _record: Any) -> None:
+            cur = conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")  # an acknowledged row survives power loss
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A detached snapshot of one instance row, safe to pass between threads."""
+
+    id: int
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    accession_number: str
+    spool_path: str
+    status: str
+    attempts: int
+    send_attempts: int
+    result_path: str | None
+    result_sop_instance_uid: str | None
+
+    @classmethod
+    def of(cls, row: Instance) -> Job:
+        return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})
+
+
+def enqueue(engine: Engine, **values: Any) -> bool:
+    """Insert a received instance, or re-queue it if its SOP Instance UID is known.
+
+    Returns True when the row is new. A duplicate replaces the spooled file (same path) and
+    is processed again; its result keeps the same derived SOP Instance UID, so the PACS
+    ends with one result either way.
+    """
+    now = utcnow()
+    with Session(engine) as s, s.begin():
+        row = s.scalars(
+            select(Instance).where(Instance.sop_instance_uid == values["sop_instance_uid"])
+        ).one_or_none()
+        if row is None:
+            s.add(Instance(**values, status=Status.RECEIVED, received_at=now, next_attempt_at=now))
+            return True
+        for k, v in values.items():
+            setattr(row, k, v)
+        _reset(row, now)
+        return False
+
+
+def _reset(row: Instance, now: dt.datetime) -> None:
+    row.status = Status.RECEIVED
+    row.reason = None
+    row.attempts = 0
+    row.send_attempts = 0
+    row.next_attempt_at = now
+    row.lease_owner = None
+    row.lease_expires_at = None
+
+
+def claim(engine: Engine, kind: Kind, owner: str, lease_seconds: float,
+          only_ids: Collection[int] | None = None) -> Job | None:
+    """Lease the next due job of ``kind`` (oldest first, among ``only_ids`` if given)."""
+    status = Status.RECEIVED if kind == "process" else Status.SCORED
+    now = utcnow()
+    with Session(engine) as s, s.begin():
+        candidates = (
+            select(Instance.id)
+            .where(
+                Instance.status == status,
+                Instance.next_attempt_at <= now,
+                or_(Instance.lease_expires_at.is_(None), Instance.lease_expires_at < now),
+            )
+            .where(Instance.id.in_(list(only_ids)) if only_ids is not None else true())
+            .order_by(Instance.next_attempt_at, Instance.id)
+            .limit(5)
+            .with_for_update(skip_locked=True)
+        )
+        for job_id in s.scalars(candidates).all():
+            res = s.execute(
+                update(Instance)
+                .where(
+                    Instance.id == job_id,
+                    Instance.status == status,
+                    or_(Instance.lease_expires_at.is_(None), Instance.lease_expires_at < now),
+                )
+                .values(lease_owner=owner, lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+            )
+            if res.rowcount == 1:  # type: ignore[attr-defined]
+                row = s.get(Instance, job_id)
+                assert row is not None
+                s.refresh(row)
+                return Job.of(row)
+    return None
+
+
+def _finish(engine: Engine, job: Job, owner: str, **values: Any) -> bool:
+    """Apply ``values`` and drop the lease, only if we still hold it."""
+    with Session(engine) as s, s.begin():
+        res = s.execute(
+            update(Instance)
+            .where(Instance.id == job.id, Instance.lease_owner == owner,
+                   Instance.status == job.status)
+            .values(lease_owner=None, lease_expires_at=None, **values)
+        )
+        done = bool(res.rowcount == 1)  # type: ignore[attr-defined]
+    if not done:
+        logger.warning("lost the lease on %s; the job was re-queued or taken over",
+                       job.sop_instance_uid)
+    return done
+
+
+def mark_scored(engine: Engine, job: Job, owner: str, hold: bool = False, **result: Any) -> bool:
+    return _finish(engine, job, owner, status=Status.HELD if hold else Status.SCORED, reason=None,
+                   scored_at=utcnow(), next_attempt_at=utcnow(), send_attempts=0, **result)
+
+
+def mark_not_scored(engine: Engine, job: Job, owner: str, reason: str, **extra: Any) -> bool:
+    return _finish(engine, job, owner, status=Status.NOT_SCORED, reason=reason, **extra)
+
+
+def mark_sent(engine: Engine, job: Job, owner: str) -> bool:
+    return _finish(engine, job, owner, status=Status.SENT, reason=None, sent_at=utcnow())
+
+
+def mark_attempt_failed(
+    engine: Engine,
+    job: Job,
+    owner: str,
+    kind: Kind,
+    error: str,
+    max_attempts: int,
+    base_seconds: float,
+    max_seconds: float,
+) -> str:
+    """Count a failed attempt: retry later with exponential backoff, or dead-letter it.
+
+    Returns the new status (``received``/``scored`` when it will be retried, ``failed``).
+    """
+    attempts = (job.attempts if kind == "process" else job.send_attempts) + 1
+    counter = "attempts" if kind == "process" else "send_attempts"
+    if attempts >= max_attempts:
+        status = Status.FAILED
+        reason = f"{'processing' if kind == 'process' else 'sending'} failed {attempts} times: " \
+                 f"{error}"
+        delay = 0.0
+    else:
+        status = Status(job.status)
+        reason = f"retrying ({attempts}/{max_attempts}): {error}"
+        delay = min(base_seconds * 2 ** (attempts - 1), max_seconds)
+    _finish(engine, job, owner, status=status, reason=reason, **{counter: attempts},
+            next_attempt_at=utcnow() + dt.timedelta(seconds=delay))
+    return str(status)
+
+
+def release_leases(engine: Engine, owner: str) -> int:
+    """Give back every lease ``owner`` holds (graceful shutdown)."""
+    with Session(engine) as s, s.begin():
+        res = s.execute(
+            update(Instance).where(Instance.lease_owner == owner)
+            .values(lease_owner=None, lease_expires_at=None)
+        )
+        return int(res.rowcount)  # type: ignore[attr-defined]
+
+
+def requeue(engine: Engine, instance_ids: list[int]) -> int:
+    """Send instances through the pipeline again (replay)."""
+    now = utcnow()
+    with Session(engine) as s, s.begin():
+        rows = s.scalars(select(Instance).where(Instance.id.in_(instance_ids))).all()
+        for row in rows:
+            _reset(row, now)
+        return len(rows)
+
+
+def requeue_send(engine: Engine, instance_ids: list[int]) -> int:
+    """Deliver existing results again (after a PACS outage) without re-scoring."""
+    now = utcnow()
+    with Session(engine) as s, s.begin():
+        rows = s.scalars(select(Instance).where(
+            Instance.id.in_(instance_ids), Instance.result_path.is_not(None))).all()
+        for row in rows:
+            row.status = Status.SCORED
+            row.send_attempts = 0
+            row.reason = None
+            row.next_attempt_at = now
+        return len(rows)

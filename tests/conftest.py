@@ -1,0 +1,295 @@
+"""Shared fixtures: real peers (dcmtk as the modality, Orthanc as the PACS), free ports,
+a worker subprocess, DICOM variants built from the training images."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+KERMANY = SHARED / "data" / "kermany224" / "train"
+NIH = SHARED / "data" / "nih-dicom"
+WEIGHTS_050 = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
+SAMPLES = REPO / "sample_dicom"
+sys.path.insert(0, str(SAMPLES))
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def need(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} is not installed (.ci/run installs it with apt-get)")
+    return path
+
+
+# -- Orthanc --------------------------------------------------------------------------------
+@dataclass
+class Orthanc:
+    root: Path
+    aet: str = "ORTHANC"
+    http_port: int = 0
+    dicom_port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    worker_port: int = 0
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.http_port = self.http_port or free_port()
+        self.dicom_port = self.dicom_port or free_port()
+        self.log = self.root / "orthanc.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def start(self) -> None:
+        cfg = {
+            "Name": "test-pacs",
+            "StorageDirectory": str(self.root / "storage"),
+            "IndexDirectory": str(self.root / "index"),
+            "HttpPort": self.http_port,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.aet,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomCheckCalledAet": False,
+            "DicomModalities": {"worker": ["CXR_WORKER", "127.0.0.1", self.worker_port or 104]},
+            "Plugins": [],
+            "StableAge": 1,
+            "HttpTimeout": 10,
+            "ConcurrentJobs": 1,
+        }
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "orthanc.json").write_text(json.dumps(cfg))
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [need("Orthanc"), str(self.root / "orthanc.json")], stdout=log, stderr=log,
+                start_new_session=True)
+        wait_until(self._up, 30, "Orthanc's REST API")
+
+    def _up(self) -> bool:
+        try:
+            self.get("/system")
+            return True
+        except (urllib.error.URLError, ConnectionError, OSError):
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError("Orthanc exited:\n" + self.log.read_text()[-3000:]) from None
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def get(self, path: str) -> Any:
+        with urllib.request.urlopen(self.url + path, timeout=10) as r:
+            body = r.read()
+        return json.loads(body) if body[:1] in (b"{", b"[") else body
+
+    def post(self, path: str, data: Any) -> Any:
+        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def find_instance(self, sop_uid: str) -> str | None:
+        found = self.post("/tools/find", {"Level": "Instance",
+                                          "Query": {"SOPInstanceUID": sop_uid}})
+        return found[0] if found else None
+
+    def instances_in_series_with_description(self, study_uid: str, text: str) -> list[str]:
+        out = []
+        for st in self.post("/tools/find", {"Level": "Study",
+                                            "Query": {"StudyInstanceUID": study_uid}}):
+            for series in self.get(f"/studies/{st}/series"):
+                if text in series["MainDicomTags"].get("SeriesDescription", ""):
+                    out.extend(series["Instances"])
+        return out
+
+
+@pytest.fixture
+def orthanc(tmp_path: Path) -> Iterator[Orthanc]:
+    o = Orthanc(tmp_path / "orthanc")
+    o.start()
+    yield o
+    o.stop()
+
+
+# -- the worker as a subprocess -----------------------------------------------------------
+@dataclass
+class Worker:
+    data_dir: Path
+    port: int
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path = field(init=False)
+    _log_offset: int = 0
+
+    def __post_init__(self) -> None:
+        self.log = self.data_dir.parent / f"worker-{self.port}.log"
+
+    def start(self, timeout: float = 120) -> None:
+        self._log_offset = self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "cxr_worker.cli", "serve"], env=self.env,
+                stdout=log, stderr=log, start_new_session=True)
+        wait_until(self._ready, timeout, "the worker to listen")
+
+    def _ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.text()[-4000:]}")
+        return "cxr-worker ready" in self.text()[self._log_offset :]
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait(5)
+        self.proc = None
+        return rc
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        res = subprocess.run([sys.executable, "-m", "cxr_worker.cli", *args], env=self.env,
+                             capture_output=True, text=True, timeout=300)
+        if check and res.returncode != 0:
+            raise AssertionError(f"cxr-worker {' '.join(args)} exited {res.returncode}:\n"
+                                 f"{res.stdout}\n{res.stderr}")
+        return res
+
+    def worklist(self) -> list[dict[str, Any]]:
+        out = self.cli("worklist", "--json", "--limit", "1000").stdout
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def worker_env(data_dir: Path, port: int, pacs: Orthanc | None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_WORKER")}
+    env.update({
+        "CXR_WORKER__LISTENER__PORT": str(port),
+        "CXR_WORKER__LISTENER__HOST": "127.0.0.1",
+        "CXR_WORKER__STORAGE__DATA_DIR": str(data_dir),
+        "CXR_WORKER__JOBS__POLL_SECONDS": "0.1",
+        "CXR_WORKER__JOBS__RETRY_BASE_SECONDS": "0.5",
+        "CXR_WORKER__JOBS__RETRY_MAX_SECONDS": "2",
+        "CXR_WORKER__JOBS__MAX_ATTEMPTS": "1000",
+        "CXR_WORKER__JOBS__LEASE_SECONDS": "5",
+        "PYTHONUNBUFFERED": "1",
+    })
+    if pacs is not None:
+        env.update({
+            "CXR_WORKER__PACS__AE_TITLE": pacs.aet,
+            "CXR_WORKER__PACS__HOST": "127.0.0.1",
+            "CXR_WORKER__PACS__PORT": str(pacs.dicom_port),
+            "CXR_WORKER__PACS__TIMEOUT_SECONDS": "5",
+        })
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def make_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    workers: list[Worker] = []
+
+    def make(pacs: Orthanc | None = None, start: bool = True, **extra: str) -> Worker:
+        port = free_port()
+        data_dir = tmp_path / f"worker-data-{len(workers)}"
+        data_dir.mkdir()
+        w = Worker(data_dir, port, worker_env(data_dir, port, pacs, **extra))
+        workers.append(w)
+        if start:
+            w.start()
+        return w
+
+    yield make
+    for w in workers:
+        w.stop(signal.SIGKILL, 10)
+
+
+def storescu(port: int, *files: Path, aet: str = "CXR_WORKER", calling: str = "MODALITY",
+             check: bool = True) -> subprocess.CompletedProcess[str]:
+    res = subprocess.run(
+        [need("storescu"), "-aet", calling, "-aec", aet, "127.0.0.1", str(port),
+         *[str(f) for f in files]],
+        env=DCMTK_ENV, capture_output=True, text=True, timeout=300)
+    if check and res.returncode != 0:
+        raise AssertionError(f"storescu failed ({res.returncode}):\n{res.stdout}\n{res.stderr}")
+    return res
+
+
+# -- DICOM variants of the training images -----------------------------------------------
+def kermany_files(cls: str, n: int, offset: int = 0) -> list[Path]:
+    return sorted((KERMANY / cls).iterdir())[offset : offset + n]
+
+
+@pytest.fixture
+def make_images(tmp_path: Path) -> Callable[..., list[Path]]:
+    """Write ``n`` DICOM files made from training images, alternating the classes."""
+    from make_samples import upsample, wrap
+
+    from cxr_worker.model.preprocess import load_grey_image
+
+    def make(n: int, study_uid: str | None = None, offset: int = 0, prefix: str = "img",
+             shape: tuple[int, int] = (1024, 880), **opts: Any) -> list[Path]:
+        out_dir = tmp_path / f"{prefix}-{offset}"
+        out_dir.mkdir(exist_ok=True)
+        opts.setdefault("bits_stored", 12)
+        opts.setdefault("window", True)
+        files = []
+        for i in range(n):
+            cls = "PNEUMONIA" if i % 2 else "NORMAL"
+            src = kermany_files(cls, 1, offset + i // 2)[0]
+            grey = load_grey_image(src)
+            ds = wrap(upsample(grey, *shape), seed=f"{prefix}-{offset}-{i}",
+                      study_uid=study_uid, **opts)
+            path = out_dir / f"{prefix}{i:03d}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+        return files
+
+    return make

@@ -1,0 +1,176 @@
+"""End to end with real peers: dcmtk storescu (modality) -> cxr-worker serve -> Orthanc (PACS)."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from conftest import Orthanc, need, storescu, wait_until
+from cxr_worker.report import SERIES_DESCRIPTION
+
+pytestmark = pytest.mark.slow
+
+
+def _results_in_orthanc(orthanc: Orthanc, study_uid: str) -> list[str]:
+    return orthanc.instances_in_series_with_description(study_uid, "AI triage result")
+
+
+def test_results_reach_the_source_study_in_orthanc(make_worker, orthanc, make_images, tmp_path):
+    study_uid = "1.2.826.0.1.3680043.8.498.4242.1.1"
+    files = make_images(3, study_uid=study_uid)
+    # the modality sends the study to the PACS and to the worker
+    storescu(orthanc.dicom_port, *files, aet=orthanc.aet)
+    worker = make_worker(pacs=orthanc)
+    storescu(worker.port, *files)
+
+    wait_until(lambda: len(_results_in_orthanc(orthanc, study_uid)) == 3, 60,
+               "three results in Orthanc")
+    studies = orthanc.post("/tools/find", {"Level": "Study",
+                                           "Query": {"StudyInstanceUID": study_uid}})
+    assert len(studies) == 1, "the results were filed in another study"
+    series = orthanc.get(f"/studies/{studies[0]}/series")
+    source_series = {dcmread(f).SeriesInstanceUID for f in files}
+    result_series = [s for s in series
+                     if s["MainDicomTags"].get("SeriesDescription") == SERIES_DESCRIPTION]
+    assert len(result_series) == 1
+    assert result_series[0]["MainDicomTags"]["SeriesInstanceUID"] not in source_series
+    assert result_series[0]["MainDicomTags"]["SeriesNumber"] == "9901"
+
+    # the stored object, as PACS holds it, is a valid Secondary Capture
+    inst = result_series[0]["Instances"][0]
+    blob = orthanc.get(f"/instances/{inst}/file")
+    sc_path = tmp_path / "from-orthanc.dcm"
+    sc_path.write_bytes(blob)
+    sc = dcmread(sc_path)
+    assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+    assert sc.StudyInstanceUID == study_uid
+    assert sc.BurnedInAnnotation == "YES"
+    assert "NOT FOR DIAGNOSTIC USE" in sc.ImageComments
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID in {
+        dcmread(f).SOPInstanceUID for f in files}
+    res = subprocess.run([need("dciodvfy"), str(sc_path)], capture_output=True, text=True)
+    errors = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, "\n".join(errors)
+
+    rows = worker.worklist()
+    assert len(rows) == 1 and rows[0]["status"] == "sent" and rows[0]["images"] == 3
+    assert rows[0]["study_instance_uid"] == study_uid
+    assert worker.stop() == 0
+
+
+def test_pacs_down_results_delivered_when_it_returns(make_worker, tmp_path, make_images):
+    orthanc = Orthanc(tmp_path / "pacs")  # configured, not started: the PACS is down
+    worker = make_worker(pacs=orthanc)
+    files = make_images(4, prefix="down")
+    storescu(worker.port, *files)
+    wait_until(lambda: [r["status"] for r in worker.worklist()] == ["retrying"] * 4, 60,
+               "four studies retrying while the PACS is down")
+    orthanc.start()
+    try:
+        wait_until(lambda: [r["status"] for r in worker.worklist()] == ["sent"] * 4, 60,
+                   "delivery after the PACS came back")
+        for f in files:
+            study_uid = dcmread(f, stop_before_pixels=True).StudyInstanceUID
+            assert len(_results_in_orthanc(orthanc, study_uid)) == 1
+        assert len(orthanc.get("/instances")) == 4
+    finally:
+        orthanc.stop()
+
+
+def test_kill_9_mid_batch_loses_nothing_and_duplicates_nothing(make_worker, orthanc,
+                                                               make_images):
+    n = 12
+    files = make_images(n, prefix="crash", shape=(2048, 1700))
+    worker = make_worker(pacs=orthanc)
+    sender = subprocess.Popen(
+        [need("storescu"), "-aet", "MODALITY", "-aec", "CXR_WORKER", "127.0.0.1",
+         str(worker.port), *map(str, files)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"})
+    # kill the worker once some results went out but the batch is not done
+    wait_until(lambda: len(orthanc.get("/instances")) >= 2, 90, "first results in Orthanc")
+    assert worker.proc is not None
+    worker.proc.send_signal(signal.SIGKILL)
+    worker.proc.wait(10)
+    worker.proc = None
+    out, _ = sender.communicate(timeout=120)
+    acknowledged = {
+        dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files
+    } if sender.returncode == 0 else None
+    # storescu reports per file; the ones it could not send after the kill are re-sent,
+    # as a modality would after a failed association
+    worker.start()
+    storescu(worker.port, *files)
+    wait_until(lambda: len(orthanc.get("/instances")) == n
+               and all(r["status"] == "sent" for r in worker.worklist()), 120,
+               "every image scored and delivered after the restart")
+    time.sleep(1.0)  # let any duplicate delivery land before counting
+    per_source: dict[str, int] = {}
+    for inst in orthanc.get("/instances"):
+        tags = orthanc.get(f"/instances/{inst}/simplified-tags")
+        src = tags["SourceImageSequence"][0]["ReferencedSOPInstanceUID"]
+        per_source[src] = per_source.get(src, 0) + 1
+    sources = {dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in files}
+    assert set(per_source) == sources
+    assert all(c == 1 for c in per_source.values()), per_source
+    if acknowledged is not None:
+        assert acknowledged <= set(per_source)
+    assert "Traceback" not in out
+
+
+def test_sigterm_exits_0_and_echo_works(make_worker):
+    worker = make_worker()
+    res = subprocess.run([need("echoscu"), "-aec", "CXR_WORKER", "127.0.0.1", str(worker.port)],
+                         env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"}, capture_output=True,
+                         text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert worker.cli("echo", "--self").returncode == 0
+    assert worker.stop(signal.SIGTERM) == 0
+
+
+def test_calling_ae_title_outside_allow_list_is_rejected(make_worker, make_images):
+    worker = make_worker(CXR_WORKER__LISTENER__ALLOWED_CALLING_AE_TITLES="MODALITY,CR1")
+    files = make_images(1, prefix="ae")
+    res = storescu(worker.port, *files, calling="INTRUDER", check=False)
+    assert res.returncode != 0
+    assert "reject" in (res.stdout + res.stderr).lower()
+    assert worker.worklist() == []
+    storescu(worker.port, *files, calling="MODALITY")
+    wait_until(lambda: [r["status"] for r in worker.worklist()] == ["scored"], 30,
+               "the allowed modality's image scored")
+
+
+def test_results_stay_local_without_pacs(make_worker, make_images):
+    worker = make_worker()
+    files = make_images(2, prefix="local")
+    storescu(worker.port, *files)
+    wait_until(lambda: sorted(r["status"] for r in worker.worklist()) == ["scored", "scored"],
+               30, "both scored")
+    results = list((worker.data_dir / "results").rglob("*.dcm"))
+    assert len(results) == 2
+    for p in results:
+        assert dcmread(p).SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+
+
+def test_bad_input_gets_a_status_and_the_service_keeps_going(make_worker, make_images, tmp_path):
+    worker = make_worker()
+    good = make_images(1, prefix="good")[0]
+    ds = dcmread(good)
+    del ds.PixelData
+    no_pixels = tmp_path / "nopixels.dcm"
+    ds.save_as(no_pixels, enforce_file_format=True)
+    res = storescu(worker.port, no_pixels, check=False)
+    assert "0xa900" in (res.stdout + res.stderr).lower() or res.returncode != 0
+    lateral = make_images(1, prefix="lat", view_position="LL")[0]
+    storescu(worker.port, lateral, good)
+    wait_until(lambda: sorted(r["status"] for r in worker.worklist()) == ["not_scored", "scored"],
+               30, "the lateral refused and the good image scored")
+    refused = next(r for r in worker.worklist() if r["status"] == "not_scored")
+    assert refused["label"] == "NOT SCORED"
+    assert "view_position" in refused["reason"]
+    assert refused["probability"] is None
