@@ -28,6 +28,12 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(getattr(args, "config", None))
 
 
+def open_worklist(s: Settings) -> Any:
+    from cxr_worker.worklist import schema
+
+    return schema.open_database(s.database_url)
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, sort_keys=False), flush=True)
 
@@ -64,11 +70,14 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
+    from sqlalchemy import make_url
+
     from cxr_worker.worklist import queue, schema
 
     s = _settings(args)
-    if s.database_url.startswith("sqlite"):
-        s.data_dir.mkdir(parents=True, exist_ok=True)
+    url = make_url(s.database_url)
+    if url.get_backend_name() == "sqlite" and url.database:
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     engine = queue.make_engine(s.database_url)
     if args.db_command == "upgrade":
         rev = schema.upgrade(engine, args.revision)
@@ -85,10 +94,9 @@ def _t(v: dt.datetime | None) -> str:
 
 
 def cmd_worklist(args: argparse.Namespace) -> int:
-    from cxr_worker.worklist import queue, studies
+    from cxr_worker.worklist import studies
 
-    s = _settings(args)
-    engine = queue.make_engine(s.database_url)
+    engine = open_worklist(_settings(args))
     rows = studies.triage_list(engine, args.status, args.limit)
     if args.json:
         for r in rows:
@@ -115,9 +123,6 @@ def cmd_worklist(args: argparse.Namespace) -> int:
 
 # -- score ------------------------------------------------------------------------------
 def _score_one(path: Path, scorer: Any, gate_cfg: Any) -> dict[str, Any]:
-    from pydicom import dcmread
-    from pydicom.errors import InvalidDicomError
-
     from cxr_worker import decode, gate
     from cxr_worker.errors import NotScoredError
     from cxr_worker.model.preprocess import load_grey_image, to_model_input
@@ -131,10 +136,7 @@ def _score_one(path: Path, scorer: Any, gate_cfg: Any) -> dict[str, Any]:
             except OSError as exc:
                 raise NotScoredError(f"unreadable image: {exc}") from exc
         else:
-            try:
-                ds = dcmread(path)
-            except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as exc:
-                raise NotScoredError(f"unreadable DICOM file: {exc}") from exc
+            ds = decode.read_file(path)
             note = gate.check(ds, gate_cfg).note
             x = decode.model_input(ds)
     except NotScoredError as exc:

@@ -19,14 +19,23 @@ Decisions (see README "Decoding"):
 
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+import struct
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
+from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import pixel_array
+from pydicom.uid import UID
 
-from cxr_worker.errors import DecodeError, UnsupportedTransferSyntaxError
+from cxr_worker.errors import CxrWorkerError, DecodeError, UnsupportedTransferSyntaxError
 from cxr_worker.model.preprocess import to_model_input
 
 logger = logging.getLogger(__name__)
@@ -37,7 +46,65 @@ AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
 
 FloatImage = NDArray[np.float64]
 
+# What pydicom, numpy and the decoder plug-ins raise on malformed headers or pixel data (a value
+# that does not convert, a missing or mistyped element, a short buffer). Anything else is a
+# programming error and is left to propagate.
+_MALFORMED = (ValueError, TypeError, LookupError, AttributeError, ArithmeticError, struct.error,
+              EOFError, OSError, RuntimeError)
+_REASON_MAX = 300
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _reason(prefix: str, exc: BaseException) -> str:
+    return f"{prefix}: {type(exc).__name__}: {exc}"[:_REASON_MAX]
+
+
+def _decode_errors(func: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Turn what malformed input makes pydicom or numpy raise into :class:`DecodeError`.
+
+    Why: pydicom converts element values lazily, so a broken header surfaces as ValueError,
+    TypeError, struct.error, ... wherever a value is first read (``int(ds.Rows)``,
+    ``ds.WindowWidth``). The pipeline quarantines a DecodeError with its reason but retries
+    anything else as a transient failure, which a broken file never recovers from.
+    """
+
+    @functools.wraps(func)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return func(*args, **kwargs)
+        except CxrWorkerError:
+            raise
+        except _MALFORMED as exc:
+            raise DecodeError(_reason("malformed header or pixel data", exc)) from exc
+
+    return wrapper
+
+
+def _is_panic(exc: BaseException) -> bool:
+    # pyo3 extensions (pylibjpeg-rle) raise ``pyo3_runtime.PanicException`` on malformed input;
+    # it derives from BaseException, so neither pydicom's plug-in fallback (``except
+    # Exception``) nor the pipeline's ``except Exception`` catches it: one RLE file whose
+    # Rows or Columns do not match its segments would take the worker down.
+    return type(exc).__name__ == "PanicException"
+
+
+def read_file(path: str | Path) -> Dataset:
+    """Read a Part 10 file; anything that is not a readable DICOM object is a DecodeError."""
+    try:
+        ds = dcmread(path)
+        sop_class = ds.get("SOPClassUID")
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError,
+            AttributeError, NotImplementedError, struct.error, zlib.error) as exc:
+        # zlib.error: a truncated or corrupt Deflated Explicit VR Little Endian body
+        raise DecodeError(f"unreadable DICOM file: {exc}") from exc
+    if not sop_class:
+        raise DecodeError("unreadable DICOM file: no SOP Class UID (not a DICOM object?)")
+    return ds
+
+
+@_decode_errors
 def check_header(ds: Dataset) -> None:
     """Refuse what cannot be a grey radiograph before touching the pixel data."""
     if "PixelData" not in ds:
@@ -46,8 +113,9 @@ def check_header(ds: Dataset) -> None:
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise DecodeError(f"colour or unsupported Photometric Interpretation {photometric!r}; "
                           "only MONOCHROME1/MONOCHROME2 radiographs are scored")
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise DecodeError("more than one sample per pixel: only grey images are scored")
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        raise DecodeError(f"{samples} samples per pixel (colour?): only grey images are scored")
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     if not (MIN_SIDE <= rows <= MAX_SIDE and MIN_SIDE <= cols <= MAX_SIDE):
         raise DecodeError(f"image size {rows}x{cols} outside {MIN_SIDE}..{MAX_SIDE} pixels a side")
@@ -56,20 +124,66 @@ def check_header(ds: Dataset) -> None:
         raise DecodeError(f"Bits Allocated {bits} not supported (8 or 16)")
 
 
+def _transfer_syntax(ds: Dataset) -> UID:
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if not ts:
+        # pydicom raises AttributeError here, which no caller expected
+        raise DecodeError("no Transfer Syntax UID in the file meta information")
+    ts = UID(str(ts))
+    if not ts.is_transfer_syntax:
+        raise UnsupportedTransferSyntaxError(f"unknown transfer syntax {ts}")
+    return ts
+
+
+def _check_native_length(ds: Dataset, frames: int) -> None:
+    """Native Pixel Data must hold exactly Rows x Columns x frames samples (+1 pad byte).
+
+    Why: pydicom only warns when there is more data than the header describes and decodes the
+    start of it, so a Columns value that is off (or a Rows value that is halved) gives a
+    sheared or partial radiograph that would be scored as if it were fine.
+    """
+    value = ds.PixelData
+    actual = len(value) if value is not None else 0
+    expected = (int(ds.Rows) * int(ds.Columns) * frames * int(ds.get("SamplesPerPixel", 1) or 1)
+                * int(ds.BitsAllocated) // 8)
+    if actual not in (expected, expected + (expected % 2)):
+        raise DecodeError(
+            f"Pixel Data is {actual} bytes, but {ds.Rows} x {ds.Columns} x {frames} frame(s) at "
+            f"{ds.BitsAllocated} bits needs {expected}")
+
+
+def _decode_first_frame(ds: Dataset, index: int | None, ts: UID) -> NDArray[Any]:
+    try:
+        return pixel_array(ds, index=index)
+    except Exception:
+        raise
+    except BaseException as exc:
+        if not _is_panic(exc):
+            raise
+        # No retry with the other plug-ins: the panics seen come from segments that do not
+        # match Rows x Columns, which pydicom's own RLE plug-in would "decode" into a cropped
+        # or sheared image with only a warning.
+        raise DecodeError(_reason(f"pixel data cannot be decoded ({ts})", exc)) from exc
+
+
+@_decode_errors
 def stored_pixels(ds: Dataset) -> NDArray[Any]:
     """The first frame's stored values, decoded with the installed plug-ins."""
     check_header(ds)
-    meta = getattr(ds, "file_meta", None)
-    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    ts = _transfer_syntax(ds)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames < 1:
+        raise DecodeError(f"Number of Frames {frames}")
+    if not ts.is_encapsulated:
+        _check_native_length(ds, frames)
     try:
-        from pydicom.pixels import pixel_array
-
-        arr = pixel_array(ds, index=0 if int(ds.get("NumberOfFrames", 1) or 1) > 1 else None)
+        arr = _decode_first_frame(ds, 0 if frames > 1 else None, ts)
     except NotImplementedError as exc:
         raise UnsupportedTransferSyntaxError(
             f"no installed decoder for transfer syntax {ts}: {exc}") from exc
-    except (ValueError, RuntimeError, EOFError, OSError, KeyError, TypeError, IndexError) as exc:
-        raise DecodeError(f"pixel data cannot be decoded ({ts}): {exc}") from exc
+    except _MALFORMED as exc:
+        raise DecodeError(_reason(f"pixel data cannot be decoded ({ts})", exc)) from exc
     if arr.ndim != 2:
         raise DecodeError(f"decoded pixel data has shape {arr.shape}, expected one grey frame")
     return arr

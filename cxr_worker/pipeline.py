@@ -97,12 +97,11 @@ class Pipeline:
 
     def _process(self, job: queue.Job) -> None:
         try:
-            ds = dcmread(job.spool_path)
+            ds = decode.read_file(job.spool_path)
         except FileNotFoundError:
             raise NotScoredError("spooled file is missing (removed by retention?)") from None
-        except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError,
-                OverflowError) as exc:
-            raise self._quarantine(job, f"unreadable DICOM file: {exc}") from exc
+        except DecodeError as exc:
+            raise self._quarantine(job, exc.reason) from exc
         gate_result = gate.check(ds, self.gate_cfg)
         try:
             display = decode.display_image(ds)

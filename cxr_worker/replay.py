@@ -98,8 +98,7 @@ def run(s: Settings, paths: list[Path], study: str | None, since: dt.datetime | 
 
     if not (paths or study or since):
         raise ConfigError("replay needs FILE|DIR, --study UID or --since TIME")
-    engine = queue.make_engine(s.database_url)
-    schema.upgrade(engine)
+    engine = schema.open_database(s.database_url)
     if dry_run:
         if paths:
             return [{"path": str(p), "status": "would replay"} for p in _given_files(paths)]

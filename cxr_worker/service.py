@@ -58,9 +58,7 @@ def load_scorer(s: Settings) -> Scorer:
 
 
 def build_pipeline(s: Settings, scorer: Scorer, migrate: bool = True) -> Pipeline:
-    engine = queue.make_engine(s.database_url)
-    if migrate:
-        schema.upgrade(engine)
+    engine = schema.open_database(s.database_url, migrate=migrate)
     retry = RetryPolicy(s.jobs.lease_seconds, s.jobs.max_attempts, s.jobs.retry_base_seconds,
                         s.jobs.retry_max_seconds)
     return Pipeline(engine, Spool(s.data_dir), scorer, gate_config(s), report_config(s),

@@ -82,7 +82,7 @@ class Jobs:
 @dataclass
 class Report:
     series_number: int = 9901
-    uid_prefix: str = "1.2.826.0.1.3680043.10.1187."
+    uid_prefix: str = "1.2.826.0.1.3680043.8.498.7717."
     manufacturer: str = "cxr-worker"
 
 

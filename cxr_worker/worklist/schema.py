@@ -8,7 +8,9 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine
+from sqlalchemy import Engine, make_url
+
+from cxr_worker.errors import CxrWorkerError
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -45,3 +47,30 @@ def downgrade(engine: Engine, revision: str) -> str | None:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, revision)
     return current_revision(engine)
+
+
+def open_database(url: str, migrate: bool = False) -> Engine:
+    """The worklist engine, ready to use.
+
+    The embedded SQLite file (and its folder) is created and migrated on first use; a server
+    database is migrated only when ``migrate`` (``serve`` and ``db upgrade`` do), and otherwise
+    must be at the head revision already.
+    """
+    from cxr_worker.worklist.queue import make_engine
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(url)
+        upgrade(engine)
+        return engine
+    engine = make_engine(url)
+    if migrate:
+        upgrade(engine)
+        return engine
+    current = current_revision(engine)
+    if current != head_revision():
+        raise CxrWorkerError(f"database schema at revision {current}, expected "
+                             f"{head_revision()}: run 'cxr-worker db upgrade'")
+    return engine

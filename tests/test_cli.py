@@ -1,0 +1,124 @@
+"""The command line: outputs, JSON and exit codes (run as a user would, in a subprocess)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from pydicom import dcmread
+
+from conftest import KERMANY, SAMPLES, free_port, worker_env
+
+CLI = [sys.executable, "-m", "cxr_worker.cli"]
+
+
+def run(env, *args, rc=0):
+    res = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == rc, f"exit {res.returncode}\n{res.stdout}\n{res.stderr}"
+    return res
+
+
+@pytest.fixture
+def env(tmp_path):
+    return worker_env(tmp_path / "data", free_port(), None)
+
+
+def test_help_for_every_command(env):
+    for cmd in ("serve", "echo", "worklist", "replay", "score", "db", "train", "evaluate"):
+        assert "usage: cxr-worker" in run(env, cmd, "--help").stdout
+
+
+def test_config_error_names_the_key_and_exits_2(env):
+    res = run({**env, "CXR_WORKER__LISTENER__PORT": "eighty"}, "worklist", rc=2)
+    assert "listener.port" in res.stderr
+
+
+def test_score_json_dicom_png_and_refusals(env, tmp_path):
+    png = tmp_path / "n.png"
+    Image.open(sorted((KERMANY / "PNEUMONIA").iterdir())[0]).save(png)
+    junk = tmp_path / "junk.dcm"
+    junk.write_bytes(b"\0" * 128 + b"DICM" + b"garbage" * 10)
+    inputs = [SAMPLES / "cr_pa_normal_12bit.dcm", SAMPLES / "dx_lateral_refused.dcm", png, junk]
+    res = run(env, "score", "--json", *map(str, inputs), rc=1)  # two not scored
+    lines = [json.loads(x) for x in res.stdout.splitlines()]
+    assert [x["path"] for x in lines] == [str(p) for p in inputs]
+    ok, lateral, from_png, bad = lines
+    assert ok["scored"] and 0 <= ok["probability"] <= 1
+    assert ok["label"] in ("SUSPECTED PNEUMONIA", "NO PNEUMONIA DETECTED")
+    assert ok["threshold"] > 0 and ok["model_version"]
+    assert (ok["probability"] >= ok["threshold"]) == (ok["label"] == "SUSPECTED PNEUMONIA")
+    assert not lateral["scored"] and lateral["rule"] == "view_position"
+    assert from_png["scored"]
+    assert not bad["scored"] and "unreadable" in bad["reason"]
+    # all scored: exit 0
+    run(env, "score", str(inputs[0]))
+
+
+def test_db_upgrade_and_current(env):
+    assert "database at revision 0001" in run(env, "db", "upgrade").stdout
+    assert "revision 0001 (head 0001)" in run(env, "db", "current").stdout
+
+
+def test_echo_without_pacs_is_a_usage_error_and_unreachable_pacs_fails(env):
+    assert "no PACS configured" in run(env, "echo", rc=2).stderr
+    dead = {**env, "CXR_WORKER__PACS__AE_TITLE": "PACS", "CXR_WORKER__PACS__PORT":
+            str(free_port()), "CXR_WORKER__PACS__TIMEOUT_SECONDS": "2"}
+    assert "failed" in run(dead, "echo", rc=1).stderr
+
+
+def test_replay_files_then_study_with_stable_result_uids(env, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for name in ("cr_pa_normal_12bit.dcm", "dx_pa_normal_8bit.dcm", "dx_lateral_refused.dcm"):
+        shutil.copy(SAMPLES / name, src / name)
+    dry = run(env, "replay", str(src), "--dry-run", "--json").stdout
+    assert len(dry.splitlines()) == 3
+    assert run(env, "worklist", "--json").stdout == ""  # dry run changed nothing
+
+    res = run(env, "replay", str(src), "--json", rc=1)  # the lateral is not scored
+    first = {r["sop_instance_uid"]: r for r in map(json.loads, res.stdout.splitlines())}
+    statuses = sorted(r["status"] for r in first.values())
+    assert statuses == ["not_scored", "scored", "scored"]
+
+    study = dcmread(src / "cr_pa_normal_12bit.dcm").StudyInstanceUID
+    again = run(env, "replay", "--study", study, "--json").stdout
+    (row,) = [json.loads(x) for x in again.splitlines()]
+    assert row["result_sop_instance_uid"] == first[row["sop_instance_uid"]][
+        "result_sop_instance_uid"]
+
+    held = run(env, "replay", "--study", study, "--no-send", "--json").stdout
+    assert json.loads(held)["status"] == "held"
+
+    wl = [json.loads(x) for x in run(env, "worklist", "--json").stdout.splitlines()]
+    assert len(wl) == 3
+    assert {r["status"] for r in wl} == {"held", "scored", "not_scored"}
+    table = run(env, "worklist").stdout
+    assert "NOT SCORED" in table and "view_position" in table
+
+
+def test_replay_needs_a_selection(env):
+    assert "replay needs" in run(env, "replay", rc=2).stderr
+    assert "--since" in run(env, "replay", "--since", "yesterday", rc=2).stderr
+
+
+def test_worklist_empty_and_filters(env):
+    assert "(no studies)" in run(env, "worklist").stdout
+    assert run(env, "worklist", "--status", "suspected", "--json").stdout == ""
+    run(env, "worklist", "--status", "bogus", rc=2)
+
+
+def test_shipped_model_integrity_failure_is_reported(env, tmp_path):
+    from cxr_worker.score import SHIPPED_MODEL_DIR
+
+    broken = tmp_path / "model"
+    shutil.copytree(SHIPPED_MODEL_DIR, broken)
+    tfl = broken / "pneumonia.tflite"
+    tfl.write_bytes(tfl.read_bytes()[:-1] + b"\x00")
+    res = run({**env, "CXR_WORKER__MODEL__PATH": str(broken)}, "score",
+              str(SAMPLES / "cr_pa_normal_12bit.dcm"), rc=1)
+    assert "sha256" in res.stderr and "refusing to load" in res.stderr

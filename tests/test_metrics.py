@@ -1,0 +1,84 @@
+"""Metrics against hand-computed cases, and the threshold policy."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from cxr_worker.model import metrics
+
+
+def test_auc_hand_computed():
+    # positives 0.8, 0.4; negatives 0.5, 0.1: pairs (0.8>0.5) (0.8>0.1) (0.4<0.5) (0.4>0.1)
+    assert metrics.roc_auc([1, 1, 0, 0], [0.8, 0.4, 0.5, 0.1]) == pytest.approx(3 / 4)
+
+
+def test_auc_counts_ties_as_half():
+    assert metrics.roc_auc([1, 0], [0.3, 0.3]) == pytest.approx(0.5)
+    assert metrics.roc_auc([1, 1, 0], [0.9, 0.3, 0.3]) == pytest.approx((1 + 0.5) / 2)
+
+
+def test_auc_perfect_and_inverted():
+    assert metrics.roc_auc([0, 0, 1, 1], [0.1, 0.2, 0.3, 0.4]) == 1.0
+    assert metrics.roc_auc([1, 1, 0, 0], [0.1, 0.2, 0.3, 0.4]) == 0.0
+
+
+def test_auc_needs_both_classes():
+    with pytest.raises(ValueError, match="each class"):
+        metrics.roc_auc([1, 1], [0.2, 0.3])
+
+
+def test_confusion_hand_computed():
+    y = [1, 1, 1, 0, 0, 0, 0]
+    p = [0.9, 0.6, 0.2, 0.7, 0.4, 0.1, 0.5]
+    c = metrics.confusion(y, p, 0.5)  # >= 0.5 is positive
+    assert (c.tp, c.fn, c.fp, c.tn) == (2, 1, 2, 2)
+    assert c.sensitivity == pytest.approx(2 / 3)
+    assert c.specificity == pytest.approx(2 / 4)
+    assert c.precision == pytest.approx(2 / 4)
+    assert c.accuracy == pytest.approx(4 / 7)
+    assert c.f1 == pytest.approx(2 * 0.5 * (2 / 3) / (0.5 + 2 / 3))
+
+
+def test_ece_hand_computed():
+    # bin [0.2,0.3): p=0.25 twice, 1 positive -> |0.5-0.25|; bin [0.9,1): p=0.95, positive
+    ece = metrics.expected_calibration_error([1, 0, 1], [0.25, 0.25, 0.95])
+    assert ece == pytest.approx((2 / 3) * 0.25 + (1 / 3) * 0.05)
+
+
+def test_bootstrap_interval_contains_the_auc():
+    rng = np.random.default_rng(1)
+    y = np.r_[np.zeros(100), np.ones(100)]
+    p = np.r_[rng.normal(0, 1, 100), rng.normal(1.5, 1, 100)]
+    lo, hi = metrics.bootstrap_auc_ci(y, p, n_boot=300)
+    auc = metrics.roc_auc(y, p)
+    assert lo < auc < hi
+    assert hi - lo < 0.2
+
+
+def test_threshold_keeps_sensitivity_and_is_the_most_specific():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(300), np.ones(200)]
+    p = np.r_[rng.beta(2, 5, 300), rng.beta(5, 2, 200)]
+    t = metrics.select_threshold(y, p, 0.98)
+    assert metrics.confusion(y, p, t).sensitivity >= 0.98
+    # any higher threshold (the next positive score up) would lose sensitivity
+    higher = np.sort(p[y == 1])[np.sort(p[y == 1]) > t][0]
+    assert metrics.confusion(y, p, higher).sensitivity < 0.98
+
+
+def test_threshold_hand_computed():
+    # 50 positives, 2% may be missed: exactly one below the threshold
+    pos = np.linspace(0.1, 0.99, 50)
+    y = np.r_[np.ones(50), np.zeros(3)]
+    p = np.r_[pos, [0.05, 0.5, 0.95]]
+    assert metrics.select_threshold(y, p, 0.98) == pytest.approx(pos[1])
+    assert metrics.select_threshold(y, p, 1.0) == pytest.approx(pos[0])
+
+
+def test_roc_curve_endpoints():
+    fpr, tpr, th = metrics.roc_curve([0, 1, 0, 1], [0.1, 0.9, 0.4, 0.6])
+    assert (fpr[0], tpr[0]) == (0, 0) and math.isinf(th[0])
+    assert (fpr[-1], tpr[-1]) == (1, 1)

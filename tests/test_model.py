@@ -1,0 +1,152 @@
+"""The shipped model, the preprocessing contract, train/evaluate end to end, Grad-CAM."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import KERMANY, WEIGHTS_050
+from cxr_worker.model import card as model_card
+from cxr_worker.model import metrics
+from cxr_worker.model.preprocess import INPUT_SIZE, load_grey_image, to_model_input
+from cxr_worker.score import SHIPPED_MODEL_DIR, Scorer
+
+
+def _validation_images(per_class: int) -> list[tuple[Path, int]]:
+    """Images from the patient-grouped validation split the shipped model did not train on."""
+    from cxr_worker.training import data
+
+    card = model_card.load_card(SHIPPED_MODEL_DIR)
+    seed = int(card["training"]["seed"])
+    _, val = data.split_by_patient(data.list_samples(KERMANY),
+                                   float(card["training"]["val_fraction"]), seed)
+    out: list[tuple[Path, int]] = []
+    for label in (0, 1):
+        chosen = [s for s in val if s.label == label][:per_class]
+        out.extend((s.path, label) for s in chosen)
+    return out
+
+
+def test_shipped_model_matches_its_card():
+    card = model_card.load_card(SHIPPED_MODEL_DIR)
+    for name in (model_card.KERAS_FILE, model_card.TFLITE_FILE):
+        path = model_card.verify_file(SHIPPED_MODEL_DIR, name, card)
+        assert path.stat().st_size < 15 * 2**20
+    assert 0 < card["threshold"] < 1
+    assert card["validation"]["auc"] > 0.9
+    assert card["validation"]["at_threshold"]["sensitivity"] >= 0.98
+    assert "not a diagnosis" in card["intended_use"].lower()
+    assert "aged 1 to 5" in card["population"]
+    assert (SHIPPED_MODEL_DIR / model_card.CARD_MARKDOWN).read_text().startswith("# Model card")
+
+
+def test_shipped_model_separates_40_validation_images():
+    scorer = Scorer()
+    scorer.warm_up()
+    assert scorer.ready
+    items = _validation_images(20)
+    probs = [scorer.score(to_model_input(load_grey_image(p))).probability for p, _ in items]
+    auc = metrics.roc_auc([y for _, y in items], probs)
+    assert auc > 0.9, f"AUC {auc:.3f} on 40 validation images: is the shipped file broken?"
+
+
+def test_tflite_equals_keras_on_real_images():
+    import keras
+
+    card = model_card.load_card(SHIPPED_MODEL_DIR)
+    model = keras.models.load_model(
+        model_card.verify_file(SHIPPED_MODEL_DIR, model_card.KERAS_FILE, card))
+    scorer = Scorer()
+    xs = np.stack([to_model_input(load_grey_image(p)) for p, _ in _validation_images(8)])
+    keras_p = model.predict(xs, verbose=0).ravel()
+    tfl_p = np.array([scorer.score(x).probability for x in xs])
+    assert np.abs(keras_p - tfl_p).max() < 1e-5
+
+
+def test_jpeg_and_the_same_pixels_as_dicom_score_the_same(tmp_path):
+    from make_samples import wrap
+    from pydicom import dcmread
+
+    from cxr_worker import decode
+
+    scorer = Scorer()
+    for jpeg in [sorted((KERMANY / c).iterdir())[5] for c in ("NORMAL", "PNEUMONIA")]:
+        grey = load_grey_image(jpeg)
+        path = tmp_path / f"{jpeg.stem}.dcm"
+        wrap(grey, modality="DX", bits_stored=8).save_as(path, enforce_file_format=True)
+        p_jpeg = scorer.score(to_model_input(grey)).probability
+        p_dicom = scorer.score(decode.model_input(dcmread(path))).probability
+        assert p_dicom == pytest.approx(p_jpeg, abs=1e-6)
+
+
+def test_contract_squashes_the_whole_image():
+    img = np.zeros((400, 100), np.float32)
+    img[:, :50] = 255  # left half white: stays the left half after the squash
+    x = to_model_input(img)
+    assert x.shape == (INPUT_SIZE, INPUT_SIZE, 3) and x.dtype == np.float32
+    assert x[:, :100].min() > 250 and x[:, 124:].max() < 5
+    assert np.array_equal(x[..., 0], x[..., 2])
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / cls).mkdir()
+        for src in sorted((KERMANY / cls).iterdir())[:16]:
+            (root / cls / src.name).symlink_to(src)
+    return root
+
+
+def test_train_and_evaluate_end_to_end_on_a_tiny_subset(tiny_data, tmp_path):
+    out = tmp_path / "model"
+    res = subprocess.run(
+        [sys.executable, "-m", "cxr_worker.cli", "train", "--data", str(tiny_data),
+         "--weights", str(WEIGHTS_050), "--out", str(out), "--head-epochs", "1",
+         "--finetune-epochs", "1", "--steps-per-epoch", "1", "--batch-size", "8",
+         "--val-fraction", "0.25"],
+        capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "val AUC" in res.stdout
+    card = json.loads((out / model_card.CARD_FILE).read_text())
+    counts = card["training_data"]
+    assert counts["train_counts"]["NORMAL"] + counts["validation_counts"]["NORMAL"] == 16
+    assert card["files"][model_card.TFLITE_FILE]["max_abs_diff_vs_keras"] < 1e-5
+    scorer = Scorer(out)  # the card's hashes match the files written
+    assert 0 <= scorer.score(np.zeros((224, 224, 3), np.float32)).probability <= 1
+
+    ev = tmp_path / "eval"
+    res = subprocess.run(
+        [sys.executable, "-m", "cxr_worker.cli", "evaluate", "--data", str(tiny_data),
+         "--out", str(ev), "--json"],
+        capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "CXR_WORKER__MODEL__PATH": str(out)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((ev / "metrics.json").read_text())
+    assert m["n"] == {"NORMAL": 16, "PNEUMONIA": 16}
+    assert set(m["confusion_matrix"]) == {"tn (healthy)", "fn (missed pneumonia)",
+                                          "fp (just to be safe)", "tp (caught)"}
+    assert sum(m["confusion_matrix"].values()) == 32
+    for png in ("roc.png", "confusion_matrix.png", "reliability.png"):
+        assert (ev / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_gradcam_heatmap():
+    import keras
+
+    from cxr_worker.training.gradcam import gradcam, overlay
+
+    card = model_card.load_card(SHIPPED_MODEL_DIR)
+    model = keras.models.load_model(
+        model_card.verify_file(SHIPPED_MODEL_DIR, model_card.KERAS_FILE, card))
+    grey = load_grey_image(sorted((KERMANY / "PNEUMONIA").iterdir())[3])
+    heat = gradcam(model, to_model_input(grey))
+    assert heat.shape == (224, 224) and heat.min() >= 0 and 0.9 < heat.max() <= 1.0
+    assert heat.std() > 0.01, "a flat heatmap explains nothing"
+    rgb = overlay(grey.astype(np.float32), heat)
+    assert rgb.shape == (224, 224, 3) and rgb.dtype == np.uint8

@@ -1,0 +1,197 @@
+"""The worklist as queue and as triage list, on SQLite and on the PostgreSQL at 127.0.0.1:5432."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine, inspect, text
+
+from cxr_worker.worklist import queue, schema, studies
+from cxr_worker.worklist.models import Label, Status
+
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def _pg_engine() -> Engine:
+    try:
+        engine = queue.make_engine(PG_URL)
+        with engine.connect() as c:
+            c.execute(text("select 1"))
+    except Exception as exc:  # no server: the only reason to skip
+        pytest.skip(f"no PostgreSQL answers at 127.0.0.1:5432 ({type(exc).__name__})")
+    return engine
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def engine(request, tmp_path) -> Iterator[Engine]:
+    if request.param == "sqlite":
+        eng = queue.make_engine(f"sqlite:///{tmp_path / 'w.db'}")
+        schema.upgrade(eng)
+        yield eng
+        eng.dispose()
+        return
+    base = _pg_engine()
+    name = f"cxr_test_{uuid.uuid4().hex[:10]}"
+    with base.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.execute(text(f'CREATE SCHEMA "{name}"'))
+    eng = queue.make_engine(PG_URL + f"?options=-csearch_path%3D{name}")
+    schema.upgrade(eng)
+    yield eng
+    eng.dispose()
+    with base.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
+    base.dispose()
+
+
+def _add(engine: Engine, n: int, study: str | None = None, **kw) -> list[str]:
+    uids = []
+    for _ in range(n):
+        sop = f"1.2.3.{uuid.uuid4().int % 10**20}"
+        queue.enqueue(engine, sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                      study_instance_uid=study or f"1.2.4.{uuid.uuid4().int % 10**20}",
+                      series_instance_uid="1.2.5", accession_number="A1",
+                      calling_ae_title="MOD", transfer_syntax_uid="1.2.840.10008.1.2.1",
+                      spool_path=f"/nonexistent/{sop}.dcm", **kw)
+        uids.append(sop)
+    return uids
+
+
+def test_migrations_up_and_down(engine):
+    assert schema.current_revision(engine) == schema.head_revision()
+    assert "instances" in inspect(engine).get_table_names()
+    schema.downgrade(engine, "base")
+    assert "instances" not in inspect(engine).get_table_names()
+    schema.upgrade(engine)
+    assert schema.current_revision(engine) == schema.head_revision()
+
+
+def test_enqueue_is_idempotent_on_sop_instance_uid(engine):
+    sop = _add(engine, 1)[0]
+    job = queue.claim(engine, "process", "w1", 60)
+    assert job is not None and job.sop_instance_uid == sop
+    queue.mark_scored(engine, job, "w1", probability=0.9, label=Label.SUSPECTED, threshold=0.5,
+                      model_version="m", result_path="/r", result_sop_instance_uid="9.9")
+    # the same instance again: one row, processed again
+    new = queue.enqueue(engine, sop_instance_uid=sop, sop_class_uid="x", study_instance_uid="s",
+                        series_instance_uid="se", accession_number="", calling_ae_title="",
+                        transfer_syntax_uid="", spool_path="/p")
+    assert new is False
+    rows = studies.triage_list(engine, limit=None)
+    assert sum(r.images for r in rows) == 1
+    assert queue.claim(engine, "process", "w1", 60) is not None
+
+
+def test_claims_are_exclusive_and_leases_expire(engine):
+    _add(engine, 1)
+    a = queue.claim(engine, "process", "w1", 0.3)
+    assert a is not None
+    assert queue.claim(engine, "process", "w2", 60) is None  # leased by w1
+    # w1 dies; after the lease expires w2 takes the job over, and w1's late result is refused
+    import time
+
+    time.sleep(0.4)
+    b = queue.claim(engine, "process", "w2", 60)
+    assert b is not None and b.id == a.id
+    assert queue.mark_scored(engine, a, "w1", probability=0.1) is False
+    assert queue.mark_scored(engine, b, "w2", probability=0.1, label=Label.NEGATIVE) is True
+
+
+def test_concurrent_claimers_never_share_a_job(engine):
+    _add(engine, 30)
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        while (job := queue.claim(engine, "process", name, 60)) is not None:
+            with lock:
+                got.append(job.id)
+            queue.mark_not_scored(engine, job, name, "test")
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 30 and len(set(got)) == 30
+
+
+def test_retry_backoff_then_dead_letter(engine):
+    _add(engine, 1)
+    job = queue.claim(engine, "process", "w", 60)
+    assert job is not None
+    st = queue.mark_attempt_failed(engine, job, "w", "process", "boom", 2, 30, 60)
+    assert st == Status.RECEIVED
+    assert queue.claim(engine, "process", "w", 60) is None  # not due for 30 s
+    rows = studies.triage_list(engine)
+    assert rows[0].status == "pending" and "retrying (1/2): boom" in rows[0].reason
+    with engine.begin() as c:  # make it due now
+        c.execute(text("UPDATE instances SET next_attempt_at = :t"),
+                  {"t": dt.datetime(2000, 1, 1)})
+    job = queue.claim(engine, "process", "w", 60)
+    assert job is not None and job.attempts == 1
+    assert queue.mark_attempt_failed(engine, job, "w", "process", "boom", 2, 30, 60) == \
+        Status.FAILED
+    row = studies.triage_list(engine)[0]
+    assert row.status == "failed" and row.label == "FAILED" and row.probability is None
+
+
+def _score(engine, sop, p, label, status="scored"):
+    job = queue.claim(engine, "process", "w", 60)
+    assert job is not None and job.sop_instance_uid == sop
+    queue.mark_scored(engine, job, "w", probability=p, label=label, threshold=0.5,
+                      model_version="m1", result_path="/r", result_sop_instance_uid="1.9")
+
+
+def test_triage_order_suspected_first_then_arrival(engine):
+    a = _add(engine, 1, study="1.1")[0]  # negative, oldest
+    b = _add(engine, 1, study="1.2")[0]  # suspected 0.7
+    c = _add(engine, 1, study="1.3")[0]  # refused
+    d = _add(engine, 1, study="1.4")[0]  # suspected 0.95
+    _add(engine, 1, study="1.5")  # still pending
+    _score(engine, a, 0.2, Label.NEGATIVE)
+    _score(engine, b, 0.7, Label.SUSPECTED)
+    job = queue.claim(engine, "process", "w", 60)
+    assert job is not None and job.sop_instance_uid == c
+    queue.mark_not_scored(engine, job, "w", "out of scope (view_position): LL")
+    _score(engine, d, 0.95, Label.SUSPECTED)
+    rows = studies.triage_list(engine)
+    assert [r.study_instance_uid for r in rows] == ["1.4", "1.2", "1.1", "1.3", "1.5"]
+    by_uid = {r.study_instance_uid: r for r in rows}
+    assert by_uid["1.3"].label == "NOT SCORED" and by_uid["1.3"].probability is None
+    assert "view_position" in (by_uid["1.3"].reason or "")
+    assert by_uid["1.5"].label == "PENDING"
+    assert by_uid["1.1"].label == Label.NEGATIVE
+    assert [r.study_instance_uid for r in studies.triage_list(engine, "suspected")] == \
+        ["1.4", "1.2"]
+    assert [r.study_instance_uid for r in studies.triage_list(engine, "not_scored")] == ["1.3"]
+    assert len(studies.triage_list(engine, limit=2)) == 2
+
+
+def test_study_with_one_suspected_image_is_suspected(engine):
+    a, b = _add(engine, 2, study="2.1")
+    _score(engine, a, 0.1, Label.NEGATIVE)
+    _score(engine, b, 0.8, Label.SUSPECTED)
+    (row,) = studies.triage_list(engine)
+    assert row.label == Label.SUSPECTED and row.probability == pytest.approx(0.8)
+    assert row.images == 2
+
+
+def test_send_states(engine):
+    (a,) = _add(engine, 1, study="3.1")
+    _score(engine, a, 0.8, Label.SUSPECTED)
+    job = queue.claim(engine, "send", "w", 60)
+    assert job is not None
+    queue.mark_attempt_failed(engine, job, "w", "send", "PACS down", 5, 0.01, 0.01)
+    assert studies.triage_list(engine)[0].status == "retrying"
+    import time
+
+    time.sleep(0.05)
+    job = queue.claim(engine, "send", "w", 60)
+    assert job is not None and job.send_attempts == 1
+    queue.mark_sent(engine, job, "w")
+    row = studies.triage_list(engine)[0]
+    assert row.status == "sent" and row.sent_at is not None
