@@ -238,7 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Chest X-ray pneumonia triage worker (DICOM in, Secondary Capture out).")
     p.add_argument("--version", action="version", version=f"cxr-worker {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_service_commands(sub, common)
+    _add_model_commands(sub, common)
+    return p
 
+
+def _add_service_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     sp = sub.add_parser("serve", parents=[common], help="run the listener and the jobs")
     sp.add_argument("--no-migrate", action="store_true",
                     help="do not upgrade the database schema at start-up")
@@ -282,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     dbsub.add_parser("current", parents=[common], help="show the schema revision")
     sp.set_defaults(func=cmd_db)
 
+
+def _add_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     sp = sub.add_parser("train", parents=[common], help="train the pneumonia model")
     sp.add_argument("--data", required=True, help="folder with NORMAL/ and PNEUMONIA/")
     sp.add_argument("--weights", required=True, help="MobileNetV2 ImageNet no_top .h5 file")
@@ -303,7 +310,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", help="folder for metrics.json and the PNG plots")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_evaluate)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,7 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import pixel_array
 from pydicom.uid import UID
 
@@ -50,7 +50,7 @@ FloatImage = NDArray[np.float64]
 # that does not convert, a missing or mistyped element, a short buffer). Anything else is a
 # programming error and is left to propagate.
 _MALFORMED = (ValueError, TypeError, LookupError, AttributeError, ArithmeticError, struct.error,
-              EOFError, OSError, RuntimeError)
+              EOFError, OSError, RuntimeError, BytesLengthException, InvalidDicomError)
 _REASON_MAX = 300
 
 _P = ParamSpec("_P")
@@ -90,15 +90,42 @@ def _is_panic(exc: BaseException) -> bool:
     return type(exc).__name__ == "PanicException"
 
 
+def _convert_all(ds: Dataset) -> None:
+    """Convert every element now, not on first access.
+
+    Why: pydicom converts values lazily, so a structurally broken element (an unknown VR, a
+    US value of odd length) raised NotImplementedError or BytesLengthException wherever it
+    was first read: in the gate (Image Type, Body Part Examined) or in the report, where
+    nothing maps it to a reason. Values that are merely invalid (a DS of "75kg") only warn
+    and stay strings. A broken private element is dropped: nothing here reads one.
+    """
+    for tag in list(ds.keys()):
+        try:
+            elem = ds[tag]
+        except (NotImplementedError, BytesLengthException, ValueError, TypeError,
+                struct.error, LookupError) as exc:
+            if tag.is_private:
+                del ds[tag]
+                continue
+            raise DecodeError(_reason(f"unreadable element {tag}", exc)) from exc
+        if elem.VR == "SQ":
+            for item in elem.value or []:
+                _convert_all(item)
+
+
 def read_file(path: str | Path) -> Dataset:
     """Read a Part 10 file; anything that is not a readable DICOM object is a DecodeError."""
     try:
         ds = dcmread(path)
+        _convert_all(ds)
         sop_class = ds.get("SOPClassUID")
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError,
-            AttributeError, NotImplementedError, struct.error, zlib.error) as exc:
-        # zlib.error: a truncated or corrupt Deflated Explicit VR Little Endian body
-        raise DecodeError(f"unreadable DICOM file: {exc}") from exc
+    except (InvalidDicomError, EOFError, ValueError, LookupError, TypeError, ArithmeticError,
+            AttributeError, NotImplementedError, struct.error, zlib.error,
+            BytesLengthException) as exc:
+        # zlib.error: a truncated or corrupt Deflated Explicit VR Little Endian body;
+        # BytesLengthException (not a ValueError): e.g. a File Meta Group Length of odd size.
+        # OSError stays out: a missing file or a disk error is not the file's fault.
+        raise DecodeError(_reason("unreadable DICOM file", exc)) from exc
     if not sop_class:
         raise DecodeError("unreadable DICOM file: no SOP Class UID (not a DICOM object?)")
     return ds
@@ -189,6 +216,7 @@ def stored_pixels(ds: Dataset) -> NDArray[Any]:
     return arr
 
 
+@_decode_errors
 def padding_mask(ds: Dataset, stored: NDArray[Any]) -> NDArray[np.bool_] | None:
     """True where a pixel is padding (PS3.3 C.7.5.1.1.2), on stored values."""
     if "PixelPaddingValue" not in ds:
@@ -201,24 +229,47 @@ def padding_mask(ds: Dataset, stored: NDArray[Any]) -> NDArray[np.bool_] | None:
     return (stored >= lo) & (stored <= hi)
 
 
+@_decode_errors
 def modality_lut(ds: Dataset, stored: NDArray[Any]) -> FloatImage:
     """Rescale slope/intercept, or the Modality LUT Sequence (PS3.3 C.11.1)."""
     if "ModalityLUTSequence" in ds and len(ds.ModalityLUTSequence):
-        return _apply_lut(ds.ModalityLUTSequence[0], stored)
+        return _apply_lut(ds, ds.ModalityLUTSequence[0], stored)
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     return stored.astype(np.float64) * slope + intercept
 
 
-def _apply_lut(item: Dataset, values: NDArray[Any]) -> FloatImage:
+def _little_endian(ds: Dataset) -> bool:
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts and UID(str(ts)).is_transfer_syntax:
+        return bool(UID(str(ts)).is_little_endian)
+    return ds.original_encoding[1] is not False
+
+
+def _lut_table(ds: Dataset, data: bytes, n_entries: int, bits: int) -> NDArray[Any]:
+    """LUT Data held as OW bytes, in the byte order of the dataset's transfer syntax.
+
+    Why: pydicom keeps OW values as the file's raw bytes, so reading them as native
+    little-endian words scrambled every LUT received in Explicit VR Big Endian.
+    """
+    words = np.frombuffer(data[: len(data) // 2 * 2], dtype="<u2" if _little_endian(ds) else ">u2")
+    if bits <= 8 and len(data) < 2 * n_entries:
+        # 8-bit entries packed two to a word (PS3.3 C.11.1.1.1: "equivalent to 8 bits
+        # allocated"); entries stored one per word are the other common form
+        return words.astype("<u2").view(np.uint8)
+    return words
+
+
+def _apply_lut(ds: Dataset, item: Dataset, values: NDArray[Any]) -> FloatImage:
     desc = [int(v) for v in item.LUTDescriptor]
     n_entries = desc[0] or 65536
     first = desc[1]
     data = item.LUTData if "LUTData" in item else None
     if data is None:
         raise DecodeError("LUT without LUT Data")
-    table = np.asarray(data if not isinstance(data, bytes) else np.frombuffer(
-        data, dtype=np.uint16 if desc[2] > 8 else np.uint8), dtype=np.float64).ravel()
+    table = np.asarray(data if not isinstance(data, bytes) else _lut_table(
+        ds, data, n_entries, desc[2]), dtype=np.float64).ravel()
     if table.size < n_entries:
         raise DecodeError(f"LUT Data has {table.size} entries, descriptor says {n_entries}")
     idx = np.clip(np.round(values).astype(np.int64) - first, 0, n_entries - 1)
@@ -232,13 +283,19 @@ def voi_window(values: FloatImage, center: float, width: float, function: str = 
     if function == "SIGMOID":
         if width <= 0:
             raise DecodeError(f"window width {width} must be > 0")
-        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
+        # the exponent is clipped so that far-off values give 0 or 1 without an overflow
+        # (exp(710) is inf, and numpy warns on every image)
+        exponent = np.clip(-4.0 * (values - center) / width, -700.0, 700.0)
+        return 1.0 / (1.0 + np.exp(exponent))
     if function == "LINEAR_EXACT":
         if width <= 0:
             raise DecodeError(f"window width {width} must be > 0")
         return np.clip((values - (center - width / 2.0)) / width, 0.0, 1.0)
     if width < 1:
         raise DecodeError(f"window width {width} must be >= 1 for LINEAR")
+    if width == 1:
+        # the formula divides by w - 1: a width of 1 (allowed) is the threshold x > c - 0.5
+        return (values > center - 0.5).astype(np.float64)
     return np.clip(((values - (center - 0.5)) / (width - 1.0)) + 0.5, 0.0, 1.0)
 
 
@@ -250,14 +307,22 @@ def _first(value: Any) -> float:
         raise DecodeError(f"unreadable window value {value!r}") from exc
 
 
+def _has_value(ds: Dataset, keyword: str) -> bool:
+    value = ds.get(keyword)
+    return value is not None and (not hasattr(value, "__len__") or len(value) > 0)
+
+
+@_decode_errors
 def voi(ds: Dataset, values: FloatImage, mask: NDArray[np.bool_] | None) -> FloatImage:
     """Display values in [0, 1] from modality values."""
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         item = ds.VOILUTSequence[0]
-        out = _apply_lut(item, values)
+        out = _apply_lut(ds, item, values)
         bits = int(item.LUTDescriptor[2])
         return np.clip(out / float(2**bits - 1), 0.0, 1.0)
-    if "WindowCenter" in ds and "WindowWidth" in ds:
+    # Window Center/Width are Type 1C but arrive empty from some consoles: that is no window
+    # (it was "unreadable window value None", and the image was not scored)
+    if _has_value(ds, "WindowCenter") and _has_value(ds, "WindowWidth"):
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
         return voi_window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
     bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))
@@ -278,6 +343,7 @@ def needs_inversion(ds: Dataset) -> bool:
     return photometric == "MONOCHROME1" or shape == "INVERSE"
 
 
+@_decode_errors
 def display_image(ds: Dataset) -> FloatImage:
     """The radiograph as a radiologist would see it: [0, 255], bone bright, padding black."""
     stored = stored_pixels(ds)
@@ -292,6 +358,7 @@ def display_image(ds: Dataset) -> FloatImage:
     return shown * 255.0
 
 
+@_decode_errors
 def model_input(ds: Dataset) -> NDArray[np.float32]:
     """Dataset -> (224, 224, 3) float32, through the model's preprocessing contract."""
     return to_model_input(display_image(ds))

@@ -26,6 +26,7 @@ from sqlalchemy import Engine
 
 from cxr_worker import decode, gate, report, send
 from cxr_worker.errors import DecodeError, NotScoredError, SendError
+from cxr_worker.model.preprocess import to_model_input
 from cxr_worker.score import Scorer
 from cxr_worker.spool import Spool, atomic_write
 from cxr_worker.worklist import queue
@@ -48,6 +49,7 @@ class RetryPolicy:
 class Pipeline:
     def __init__(
         self,
+        *,
         engine: Engine,
         spool: Spool,
         scorer: Scorer,
@@ -85,9 +87,10 @@ class Pipeline:
             queue.mark_not_scored(self.engine, job, self.owner, exc.reason)
         except Exception as exc:
             logger.exception("processing %s failed", job.sop_instance_uid)
-            queue.mark_attempt_failed(self.engine, job, self.owner, "process",
-                                      f"{type(exc).__name__}: {exc}", self.retry.max_attempts,
-                                      self.retry.base_seconds, self.retry.max_seconds)
+            queue.mark_attempt_failed(
+                self.engine, job, self.owner, "process", error=f"{type(exc).__name__}: {exc}",
+                max_attempts=self.retry.max_attempts, base_seconds=self.retry.base_seconds,
+                max_seconds=self.retry.max_seconds)
         return True
 
     def _quarantine(self, job: queue.Job, reason: str) -> NotScoredError:
@@ -105,7 +108,7 @@ class Pipeline:
         gate_result = gate.check(ds, self.gate_cfg)
         try:
             display = decode.display_image(ds)
-            x = decode.to_model_input(display)
+            x = to_model_input(display)
         except DecodeError as exc:
             raise self._quarantine(job, exc.reason) from exc
         score = self.scorer.score(x)
@@ -136,8 +139,9 @@ class Pipeline:
             send.store(self.pacs, dcmread(job.result_path))
         except (SendError, OSError, InvalidDicomError) as exc:
             status = queue.mark_attempt_failed(
-                self.engine, job, self.owner, "send", str(exc), self.retry.max_attempts,
-                self.retry.base_seconds, self.retry.max_seconds)
+                self.engine, job, self.owner, "send", error=str(exc),
+                max_attempts=self.retry.max_attempts, base_seconds=self.retry.base_seconds,
+                max_seconds=self.retry.max_seconds)
             logger.warning("sending result of %s failed (%s): %s", job.sop_instance_uid,
                            status, exc)
         else:

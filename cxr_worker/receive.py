@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from pydicom.filebase import DicomFileLike
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
@@ -96,7 +97,7 @@ def handle_echo(event: Any) -> int:
 def _write_part10(event: Any) -> Callable[[BinaryIO], None]:
     def write(f: BinaryIO) -> None:
         f.write(b"\x00" * 128 + b"DICM")
-        write_file_meta_info(f, event.file_meta)
+        write_file_meta_info(DicomFileLike(f), event.file_meta)
         f.write(event.request.DataSet.getvalue())
 
     return write

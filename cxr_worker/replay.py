@@ -14,7 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -50,7 +50,11 @@ def _enqueue_file(engine: Engine, spool: Spool, path: Path) -> tuple[int | None,
         return None, {"path": str(path), "status": "error", "reason": f"not a DICOM image: {exc}"}
     dest = spool.image_path(study_uid, sop_uid)
     data = path.read_bytes()
-    atomic_write(dest, lambda f: f.write(data))
+
+    def write(f: BinaryIO) -> None:
+        f.write(data)
+
+    atomic_write(dest, write)
     queue.enqueue(
         engine, sop_instance_uid=sop_uid, sop_class_uid=str(ds.get("SOPClassUID", "")),
         study_instance_uid=study_uid, series_instance_uid=series_uid,
@@ -90,7 +94,7 @@ def _describe(engine: Engine, ids: list[int]) -> list[dict[str, Any]]:
         return out
 
 
-def run(s: Settings, paths: list[Path], study: str | None, since: dt.datetime | None,
+def run(s: Settings, *, paths: list[Path], study: str | None, since: dt.datetime | None,
         dry_run: bool, send: bool) -> list[dict[str, Any]]:
     from cxr_worker.errors import ConfigError
     from cxr_worker.service import build_pipeline, load_scorer

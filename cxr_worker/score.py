@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import NDArray
 
+from cxr_worker.labels import Label
 from cxr_worker.model import card as model_card
 from cxr_worker.model.preprocess import INPUT_SIZE
-from cxr_worker.labels import Label
 
 logger = logging.getLogger(__name__)
 

@@ -61,8 +61,9 @@ def build_pipeline(s: Settings, scorer: Scorer, migrate: bool = True) -> Pipelin
     engine = schema.open_database(s.database_url, migrate=migrate)
     retry = RetryPolicy(s.jobs.lease_seconds, s.jobs.max_attempts, s.jobs.retry_base_seconds,
                         s.jobs.retry_max_seconds)
-    return Pipeline(engine, Spool(s.data_dir), scorer, gate_config(s), report_config(s),
-                    retry, pacs_peer(s))
+    return Pipeline(engine=engine, spool=Spool(s.data_dir), scorer=scorer,
+                    gate_cfg=gate_config(s), report_cfg=report_config(s), retry=retry,
+                    pacs=pacs_peer(s))
 
 
 def serve(s: Settings, migrate: bool = True) -> int:
@@ -81,6 +82,7 @@ def serve(s: Settings, migrate: bool = True) -> int:
     server = ae.start_server(
         (s.listener.host, s.listener.port), block=False,
         evt_handlers=receive.handlers(pipeline.engine, pipeline.spool, jobs.wake))
+    assert server is not None  # block=False returns the running server
     host, port = server.server_address[:2]
     logger.info(
         "listening as %s on %s:%d; model %s (threshold %.4f, warm-up %.0f ms); PACS %s; "

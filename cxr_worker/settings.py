@@ -110,47 +110,57 @@ class Settings:
         return bool(self.pacs.ae_title)
 
 
-def _coerce(key: str, value: Any, ftype: Any, from_env: bool) -> Any:
-    t = str(ftype)
-    if from_env and isinstance(value, str):
-        if "list" in t:
-            return [v.strip() for v in value.split(",") if v.strip()]
-        if "float | None" in t:
-            return None if value.strip() == "" else _coerce(key, value, "float", True)
-        if t == "bool":
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        if t == "int":
-            try:
-                return int(value)
-            except ValueError:
-                raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
-        if t == "float":
-            try:
-                return float(value)
-            except ValueError:
-                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
-        return value
-    if "float | None" in t:
+def _env_bool(key: str, value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{key}: expected true or false, got {value!r}")
+
+
+def _env_number(kind: type[int] | type[float]) -> Any:
+    def parse(key: str, value: str) -> Any:
+        try:
+            return kind(value)
+        except ValueError:
+            name = "an integer" if kind is int else "a number"
+            raise ConfigError(f"{key}: expected {name}, got {value!r}") from None
+
+    return parse
+
+
+# how an environment string becomes each field type
+_FROM_ENV: dict[str, Any] = {
+    "str": lambda key, v: v,
+    "bool": _env_bool,
+    "int": _env_number(int),
+    "float": _env_number(float),
+    "float | None": lambda key, v: None if not v.strip() else _env_number(float)(key, v),
+    "list[str]": lambda key, v: [x.strip() for x in v.split(",") if x.strip()],
+}
+
+# what a TOML value must be for each field type
+_TOML_CHECK: dict[str, tuple[str, Any]] = {
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
+    "list[str]": ("a list of strings",
+                  lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+}
+
+
+def _coerce(key: str, value: Any, ftype: str, from_env: bool) -> Any:
+    if from_env:
+        return _FROM_ENV[ftype](key, value)
+    if ftype == "float | None":
         if value == "" or value is None:
             return None
-        t = "float"
-    if t == "bool" and not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if t == "int" and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if t == "float":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if t == "str" and not isinstance(value, str):
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if "list" in t and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-        raise ConfigError(f"{key}: expected a list of strings, got {value!r}")
-    return value
+        ftype = "float"
+    what, ok = _TOML_CHECK[ftype]
+    if not ok(value):
+        raise ConfigError(f"{key}: expected {what}, got {value!r}")
+    return float(value) if ftype == "float" else value
 
 
 def _validate(s: Settings) -> None:
@@ -168,6 +178,10 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"{key}: {port} is not a TCP port (0-65535)")
     if s.pacs_configured and not s.pacs.host:
         raise ConfigError("pacs.host: required when pacs.ae_title is set")
+    _validate_processing(s)
+
+
+def _validate_processing(s: Settings) -> None:
     if s.model.threshold is not None and not 0.0 < s.model.threshold < 1.0:
         raise ConfigError(f"model.threshold: {s.model.threshold} is not in (0, 1)")
     if not re.fullmatch(r"([1-9]\d*|0)(\.([1-9]\d*|0))*\.", s.report.uid_prefix) or len(
@@ -205,7 +219,7 @@ def load_settings(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     settings = Settings()
-    sections = {f.name: f for f in dataclasses.fields(Settings)}
+    sections = {f.name for f in dataclasses.fields(Settings)}
     for section, values in raw.items():
         if section not in sections:
             raise ConfigError(f"unknown section [{section}] in {path}")
@@ -213,6 +227,12 @@ def load_settings(
             raise ConfigError(f"[{section}] must be a table")
         for key, value in values.items():
             _set(settings, section, key, value, from_env=False)
+    _apply_environment(settings, env, sections)
+    _validate(settings)
+    return settings
+
+
+def _apply_environment(settings: Settings, env: dict[str, str], sections: set[str]) -> None:
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX):
             continue
@@ -220,8 +240,6 @@ def load_settings(
         if len(parts) != 2 or parts[0] not in sections:
             raise ConfigError(f"{name}: expected {ENV_PREFIX}<SECTION>__<KEY>")
         _set(settings, parts[0], parts[1], value, from_env=True)
-    _validate(settings)
-    return settings
 
 
 def _set(settings: Settings, section: str, key: str, value: Any, from_env: bool) -> None:
@@ -229,7 +247,7 @@ def _set(settings: Settings, section: str, key: str, value: Any, from_env: bool)
     fields = {f.name: f for f in dataclasses.fields(obj)}
     if key not in fields:
         raise ConfigError(f"unknown key {section}.{key}")
-    setattr(obj, key, _coerce(f"{section}.{key}", value, fields[key].type, from_env))
+    setattr(obj, key, _coerce(f"{section}.{key}", value, str(fields[key].type), from_env))
 
 
 def as_dict(settings: Settings) -> dict[str, Any]:

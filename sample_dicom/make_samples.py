@@ -1,6 +1,6 @@
 """Make the sample DICOM chest radiographs in this folder from the Kermany training images.
 
-    python sample_dicom/make_samples.py [--data ../shared/data/kermany224/train] [--out sample_dicom]
+    python sample_dicom/make_samples.py [--data DIR] [--out sample_dicom]
 
 Each sample is a 224x224 training JPEG (grey) upsampled to a realistic detector size and
 wrapped with the headers a CR or DX modality writes. The pixel values are chosen so that the
@@ -20,9 +20,9 @@ from numpy.typing import NDArray
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
+    PYDICOM_IMPLEMENTATION_UID,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    PYDICOM_IMPLEMENTATION_UID,
     RLELossless,
     generate_uid,
 )
@@ -70,6 +70,41 @@ def wrap(
     stored = np.round(v).astype(dtype)
     lo, hi = intercept, intercept + slope * maxv
 
+    ds = _patient_study_series(seed, study_uid, patient_name, patient_age, modality)
+    if body_part:
+        ds.BodyPartExamined = body_part
+    if view_position:
+        ds.ViewPosition = view_position
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    if modality == "DX":
+        ds.PresentationIntentType = "FOR PRESENTATION"
+        ds.PresentationLUTShape = "INVERSE" if monochrome1 else "IDENTITY"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
+    ds.Rows, ds.Columns = stored.shape
+    ds.BitsAllocated = 8 if bits_stored <= 8 else 16
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = 0
+    if rescale is not None or modality == "CR":
+        ds.RescaleSlope = f"{slope:g}"
+        ds.RescaleIntercept = f"{intercept:g}"
+        ds.RescaleType = "US"
+    if window:
+        ds.WindowCenter = f"{(lo + hi) / 2 + 0.5:g}"
+        ds.WindowWidth = f"{hi - lo + 1:g}"
+        ds.VOILUTFunction = "LINEAR"
+    ds.PixelData = stored.tobytes()
+    ds["PixelData"].VR = "OB" if ds.BitsAllocated == 8 else "OW"
+    if transfer_syntax == ExplicitVRLittleEndian:
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+    elif transfer_syntax != ImplicitVRLittleEndian:
+        ds.compress(transfer_syntax)
+    return ds
+
+
+def _patient_study_series(seed: str, study_uid: str | None, patient_name: str,
+                          patient_age: str | None, modality: str) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
@@ -98,36 +133,6 @@ def wrap(
     ds.InstanceNumber = 1
     ds.Manufacturer = "Sample Modality"
     ds.PatientOrientation = ["L", "F"]
-    if body_part:
-        ds.BodyPartExamined = body_part
-    if view_position:
-        ds.ViewPosition = view_position
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    if modality == "DX":
-        ds.PresentationIntentType = "FOR PRESENTATION"
-        ds.PresentationLUTShape = "INVERSE" if monochrome1 else "IDENTITY"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME1" if monochrome1 else "MONOCHROME2"
-    ds.Rows, ds.Columns = stored.shape
-    ds.BitsAllocated = 8 if bits_stored <= 8 else 16
-    ds.BitsStored = bits_stored
-    ds.HighBit = bits_stored - 1
-    ds.PixelRepresentation = 0
-    if rescale is not None or modality == "CR":
-        ds.RescaleSlope = f"{slope:g}"
-        ds.RescaleIntercept = f"{intercept:g}"
-        ds.RescaleType = "US"
-    if window:
-        ds.WindowCenter = f"{(lo + hi) / 2 + 0.5:g}"
-        ds.WindowWidth = f"{hi - lo + 1:g}"
-        ds.VOILUTFunction = "LINEAR"
-    ds.PixelData = stored.tobytes()
-    ds["PixelData"].VR = "OB" if ds.BitsAllocated == 8 else "OW"
-    if transfer_syntax != ImplicitVRLittleEndian:
-        if transfer_syntax in (ExplicitVRLittleEndian,):
-            ds.file_meta.TransferSyntaxUID = transfer_syntax
-        else:
-            ds.compress(transfer_syntax)
     return ds
 
 

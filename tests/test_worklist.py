@@ -123,7 +123,8 @@ def test_retry_backoff_then_dead_letter(engine):
     _add(engine, 1)
     job = queue.claim(engine, "process", "w", 60)
     assert job is not None
-    st = queue.mark_attempt_failed(engine, job, "w", "process", "boom", 2, 30, 60)
+    st = queue.mark_attempt_failed(engine, job, "w", "process", error="boom", max_attempts=2,
+                                   base_seconds=30, max_seconds=60)
     assert st == Status.RECEIVED
     assert queue.claim(engine, "process", "w", 60) is None  # not due for 30 s
     rows = studies.triage_list(engine)
@@ -133,7 +134,8 @@ def test_retry_backoff_then_dead_letter(engine):
                   {"t": dt.datetime(2000, 1, 1)})
     job = queue.claim(engine, "process", "w", 60)
     assert job is not None and job.attempts == 1
-    assert queue.mark_attempt_failed(engine, job, "w", "process", "boom", 2, 30, 60) == \
+    assert queue.mark_attempt_failed(engine, job, "w", "process", error="boom", max_attempts=2,
+                                   base_seconds=30, max_seconds=60) == \
         Status.FAILED
     row = studies.triage_list(engine)[0]
     assert row.status == "failed" and row.label == "FAILED" and row.probability is None
@@ -185,7 +187,8 @@ def test_send_states(engine):
     _score(engine, a, 0.8, Label.SUSPECTED)
     job = queue.claim(engine, "send", "w", 60)
     assert job is not None
-    queue.mark_attempt_failed(engine, job, "w", "send", "PACS down", 5, 0.01, 0.01)
+    queue.mark_attempt_failed(engine, job, "w", "send", error="PACS down", max_attempts=5,
+                              base_seconds=0.01, max_seconds=0.01)
     assert studies.triage_list(engine)[0].status == "retrying"
     import time
 

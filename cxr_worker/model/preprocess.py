@@ -43,6 +43,6 @@ def to_model_input(grey: NDArray[np.floating] | NDArray[np.integer]) -> NDArray[
 
 
 def load_grey_image(path: str | Path) -> NDArray[np.uint8]:
-    """Read a PNG/JPEG file as 8-bit grey display values (colour converted with ITU-R 601-2 luma)."""
+    """Read a PNG/JPEG file as 8-bit grey display values (colour: ITU-R 601-2 luma)."""
     with Image.open(path) as im:
         return np.asarray(im.convert("L"), dtype=np.uint8)

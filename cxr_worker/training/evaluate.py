@@ -55,17 +55,19 @@ def evaluate(data_dir: Path, out_dir: Path | None, model_dir: str | None = None,
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-        plot_all(y, p, conf, scorer.threshold, out_dir, scorer.model_version)
+        plot_all(y, p, conf=conf, threshold=scorer.threshold, out_dir=out_dir,
+                 title=scorer.model_version)
         result["files"] = sorted(str(f) for f in out_dir.iterdir())
     return result
 
 
-def plot_all(y: Any, p: Any, conf: metrics.Confusion, threshold: float, out_dir: Path,
+def plot_all(y: Any, p: Any, *, conf: metrics.Confusion, threshold: float, out_dir: Path,
              title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
     fpr, tpr, _ = metrics.roc_curve(y, p)
     fig, ax = plt.subplots(figsize=(5.5, 5))
@@ -88,7 +90,7 @@ def plot_all(y: Any, p: Any, conf: metrics.Confusion, threshold: float, out_dir:
     colours = [["#d8ecd8", "#fff1c9"], ["#f4c6c6", "#d8ecd8"]]
     for i in range(2):
         for j in range(2):
-            ax.add_patch(plt.Rectangle((j, 1 - i), 1, 1, color=colours[i][j]))
+            ax.add_patch(Rectangle((j, 1 - i), 1, 1, color=colours[i][j]))
             ax.text(j + 0.5, 1.5 - i, f"{cells[i][j]}\n{names[i][j]}", ha="center",
                     va="center", fontsize=11)
     ax.set(xlim=(0, 2), ylim=(0, 2), xticks=[0.5, 1.5], yticks=[0.5, 1.5],

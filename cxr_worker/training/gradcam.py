@@ -49,4 +49,5 @@ def overlay(grey: NDArray[np.floating], heat: NDArray[np.floating], alpha: float
                        np.clip(1.5 - abs(4 * hm - 1), 0, 1)], axis=-1) * 255
     base = np.repeat(np.clip(grey, 0, 255)[..., None], 3, axis=-1)
     a = alpha * hm[..., None]
-    return np.clip(base * (1 - a) + colour * a, 0, 255).astype(np.uint8)
+    out: NDArray[np.uint8] = np.clip(base * (1 - a) + colour * a, 0, 255).astype(np.uint8)
+    return out

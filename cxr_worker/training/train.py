@@ -113,12 +113,47 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     x_tr, y_tr = data.load_arrays(train_s)
     x_va, y_va = data.load_arrays(val_s)
     n_pos = float(y_tr.sum())
-    n_neg = float(len(y_tr) - n_pos)
-    class_weight = {0: len(y_tr) / (2 * n_neg), 1: len(y_tr) / (2 * n_pos)}
+    class_weight = {0: len(y_tr) / (2 * (len(y_tr) - n_pos)), 1: len(y_tr) / (2 * n_pos)}
 
     model = build_model(cfg.alpha, str(cfg.weights), cfg.seed)
-    backbone = model.get_layer("mobilenetv2")
     train_ds = _dataset(x_tr, y_tr, cfg, make_augmenter(cfg.seed))
+    history, epoch_seconds = _fit(model, train_ds, cfg, n_train=len(y_tr),
+                                  class_weight=class_weight, x_va=x_va, y_va=y_va)
+
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    keras_path = cfg.out_dir / model_card.KERAS_FILE
+    tflite_path = cfg.out_dir / model_card.TFLITE_FILE
+    # an uncompiled copy: no optimizer slots in the shipped file (a third of its size)
+    shipped = build_model(cfg.alpha, None, cfg.seed)
+    shipped.set_weights(model.get_weights())
+    shipped.save(keras_path)
+    export_tflite(shipped, tflite_path)
+
+    p_va = _predict(shipped, x_va)
+    tfl = TFLiteScorer(tflite_path)
+    n_chk = min(64, len(x_va))
+    p_tfl = np.array([tfl.predict(_as_input(x_va[i : i + 1])[0]) for i in range(n_chk)])
+    tflite_max_diff = float(np.abs(p_tfl - p_va[:n_chk]).max())
+    card = _card(cfg, y_tr=y_tr, y_va=y_va, p_va=p_va, samples=train_s + val_s,
+                 tflite_max_diff=tflite_max_diff, history=history, epoch_seconds=epoch_seconds,
+                 total=time.monotonic() - t_start, class_weight=class_weight)
+    model_card.write_card(cfg.out_dir, card)
+    conf = card["validation"]["at_threshold"]
+    print(f"wrote {keras_path} and {tflite_path}; model version {card['model_version']}",
+          flush=True)
+    print(f"validation AUC {card['validation']['auc']:.4f}; threshold {card['threshold']:.4f}: "
+          f"sensitivity {conf['sensitivity']:.4f}, specificity {conf['specificity']:.4f}",
+          flush=True)
+    return card
+
+
+def _fit(model: Any, train_ds: Any, cfg: TrainConfig, *, n_train: int,
+         class_weight: dict[int, float], x_va: Any, y_va: Any
+         ) -> tuple[list[dict[str, float]], list[float]]:
+    """Head only, then fine-tune; returns per-epoch history and seconds."""
+    import keras
+
+    backbone = model.get_layer("mobilenetv2")
     verbose = 1 if sys.stdout.isatty() else 2
     history: list[dict[str, float]] = []
     epoch_seconds: list[float] = []
@@ -151,34 +186,26 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         for layer in backbone.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.trainable = False
-        steps = cfg.steps_per_epoch or int(np.ceil(len(y_tr) / cfg.batch_size))
+        steps = cfg.steps_per_epoch or int(np.ceil(n_train / cfg.batch_size))
         lr = keras.optimizers.schedules.CosineDecay(1e-4, steps * cfg.finetune_epochs, alpha=0.1)
         model.compile(keras.optimizers.Adam(lr), "binary_crossentropy")
         model.fit(train_ds, epochs=cfg.finetune_epochs, **fit_kwargs)
+    return history, epoch_seconds
 
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+
+def _card(cfg: TrainConfig, *, y_tr: Any, y_va: Any, p_va: Any, samples: list[data.Sample],
+          tflite_max_diff: float, history: list[dict[str, float]], epoch_seconds: list[float],
+          total: float, class_weight: dict[int, float]) -> dict[str, Any]:
     keras_path = cfg.out_dir / model_card.KERAS_FILE
     tflite_path = cfg.out_dir / model_card.TFLITE_FILE
-    # an uncompiled copy: no optimizer slots in the shipped file (a third of its size)
-    shipped = build_model(cfg.alpha, None, cfg.seed)
-    shipped.set_weights(model.get_weights())
-    model = shipped
-    model.save(keras_path)
-    export_tflite(model, tflite_path)
-
-    p_va = _predict(model, x_va)
     threshold = metrics.select_threshold(y_va, p_va, cfg.min_sensitivity)
     conf = metrics.confusion(y_va, p_va, threshold)
-    tfl = TFLiteScorer(tflite_path)
-    n_chk = min(64, len(x_va))
-    p_tfl = np.array([tfl.predict(_as_input(x_va[i : i + 1])[0]) for i in range(n_chk)])
-    tflite_max_diff = float(np.abs(p_tfl - p_va[:n_chk]).max())
-
+    n_pos = float(y_tr.sum())
+    n_neg = float(len(y_tr) - n_pos)
     keras_sha = model_card.sha256_file(keras_path)
-    date = dt.datetime.now(dt.timezone.utc)
+    date = dt.datetime.now(dt.UTC)
     version = f"cxr-pneumonia-mnv2-a{cfg.alpha:g}-{date:%Y%m%d}-{keras_sha[:8]}"
-    total = time.monotonic() - t_start
-    card: dict[str, Any] = {
+    return {
         "model_version": version,
         "created": date.isoformat(timespec="seconds"),
         "threshold": threshold,
@@ -213,7 +240,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                   "PNEUMONIA": int(y_va.sum())},
             "split": f"stratified, grouped by patient, {cfg.val_fraction:.0%} validation, "
             f"seed {cfg.seed}; byte-identical duplicates dropped",
-            "file_list_sha256": data.file_list_hash(train_s + val_s),
+            "file_list_sha256": data.file_list_hash(samples),
         },
         "validation": {
             "auc": metrics.roc_auc(y_va, p_va),
@@ -232,8 +259,3 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             "machine": "CPU",
         },
     }
-    model_card.write_card(cfg.out_dir, card)
-    print(f"wrote {keras_path} and {tflite_path}; model version {version}", flush=True)
-    print(f"validation AUC {card['validation']['auc']:.4f}; threshold {threshold:.4f}: "
-          f"sensitivity {conf.sensitivity:.4f}, specificity {conf.specificity:.4f}", flush=True)
-    return card

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-
 from typing import Any
 
 from sqlalchemy import Boolean, DateTime, Dialect, Float, Index, Integer, String, Text

@@ -121,7 +121,8 @@ def claim(engine: Engine, kind: Kind, owner: str, lease_seconds: float,
                     Instance.status == status,
                     or_(Instance.lease_expires_at.is_(None), Instance.lease_expires_at < now),
                 )
-                .values(lease_owner=owner, lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+                .values(lease_owner=owner,
+                        lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
             )
             if res.rowcount == 1:  # type: ignore[attr-defined]
                 row = s.get(Instance, job_id)
@@ -165,6 +166,7 @@ def mark_attempt_failed(
     job: Job,
     owner: str,
     kind: Kind,
+    *,
     error: str,
     max_attempts: int,
     base_seconds: float,

@@ -94,7 +94,9 @@ def _study_row(rows: list[Instance]) -> StudyRow:
                     model_version=None, outside_population=False, scored_at=None, sent_at=None)
 
 
-def triage_list(engine: Engine, status: str | None = None, limit: int | None = 50) -> list[StudyRow]:
+def triage_list(
+    engine: Engine, status: str | None = None, limit: int | None = 50
+) -> list[StudyRow]:
     """Studies in triage order, optionally filtered by study status (or ``suspected``)."""
     with Session(engine) as s:
         instances = s.scalars(select(Instance)).all()
