@@ -32,7 +32,7 @@ from numpy.typing import NDArray
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
-from pydicom.pixels import pixel_array
+from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID
 
 from cxr_worker.errors import CxrWorkerError, DecodeError, UnsupportedTransferSyntaxError
@@ -224,9 +224,9 @@ def padding_mask(ds: Dataset, stored: NDArray[Any]) -> NDArray[np.bool_] | None:
     value = int(ds.PixelPaddingValue)
     limit = ds.get("PixelPaddingRangeLimit")
     if limit is None:
-        return stored == value
+        return np.asarray(stored == value, dtype=np.bool_)
     lo, hi = sorted((value, int(limit)))
-    return (stored >= lo) & (stored <= hi)
+    return np.asarray((stored >= lo) & (stored <= hi), dtype=np.bool_)
 
 
 @_decode_errors
@@ -265,6 +265,10 @@ def _apply_lut(ds: Dataset, item: Dataset, values: NDArray[Any]) -> FloatImage:
     desc = [int(v) for v in item.LUTDescriptor]
     n_entries = desc[0] or 65536
     first = desc[1]
+    if first > 32767 and int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        # the first mapped value of a signed image is SS (PS3.3 C.11.1.1.1); written with VR
+        # US it arrives as 65408 for -128, and every pixel fell below the LUT
+        first -= 65536
     data = item.LUTData if "LUTData" in item else None
     if data is None:
         raise DecodeError("LUT without LUT Data")
@@ -334,7 +338,8 @@ def voi(ds: Dataset, values: FloatImage, mask: NDArray[np.bool_] | None) -> Floa
     lo, hi = np.percentile(sample, AUTO_WINDOW_PERCENTILES)
     if hi <= lo:
         raise DecodeError("image has no contrast (all pixels equal)")
-    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+    shown: FloatImage = np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+    return shown
 
 
 def needs_inversion(ds: Dataset) -> bool:

@@ -113,8 +113,9 @@ class Pipeline:
             raise self._quarantine(job, exc.reason) from exc
         score = self.scorer.score(x)
         sc = report.build_secondary_capture(
-            ds, display, score.probability, score.label, score.threshold, score.model_version,
-            self.report_cfg, gate_result.note)
+            ds, display, probability=score.probability, label=score.label,
+            threshold=score.threshold, model_version=score.model_version, cfg=self.report_cfg,
+            note=gate_result.note)
         result_path = self.spool.result_path(job.study_instance_uid, job.sop_instance_uid)
         atomic_write(result_path, lambda f: sc.save_as(f, enforce_file_format=True))
         queue.mark_scored(

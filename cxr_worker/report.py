@@ -102,6 +102,7 @@ def _source_reference(source: Dataset, purpose: bool) -> Dataset:
 def build_secondary_capture(
     source: Dataset,
     display: NDArray[np.floating],
+    *,
     probability: float,
     label: str,
     threshold: float,
@@ -137,7 +138,12 @@ def build_secondary_capture(
         manufacturer_model_name=MODEL_NAME,
         software_versions=[f"cxr-worker {__version__}", model_version],
         series_description=SERIES_DESCRIPTION,
+        # highdicom 0.28 rejects an empty first value (ISO 2022 IR 6, PS3.3 C.12.1.1.2), which
+        # Japanese ISO 2022 studies use: build without it and copy the source's value below
+        specific_character_set=None,
     )
+    if "SpecificCharacterSet" in source:
+        sc.SpecificCharacterSet = source.SpecificCharacterSet
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"

@@ -8,6 +8,7 @@ lease, exit 0.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import signal
 import threading
@@ -66,8 +67,26 @@ def build_pipeline(s: Settings, scorer: Scorer, migrate: bool = True) -> Pipelin
                     pacs=pacs_peer(s))
 
 
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def raise_mmap_threshold(nbytes: int = 256 * 2**20) -> bool:
+    """Let glibc serve 10 MB receive buffers from the heap instead of a fresh mmap each.
+
+    Measured on this kind of machine (PERF-NOTES): every 10 MB image otherwise costs ~2,500
+    page faults; raising the threshold lifted pynetdicom's writing receive from 18 to 24
+    images/s. Same effect as ``MALLOC_MMAP_THRESHOLD_``, set from inside the process.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def serve(s: Settings, migrate: bool = True) -> int:
     t0 = time.monotonic()
+    raise_mmap_threshold()
     s.data_dir.mkdir(parents=True, exist_ok=True)
     scorer = load_scorer(s)
     warm = scorer.warm_up()

@@ -167,11 +167,14 @@ class Worker:
     def __post_init__(self) -> None:
         self.log = self.data_dir.parent / f"worker-{self.port}.log"
 
-    def start(self, timeout: float = 120) -> None:
+    def start(self, timeout: float = 120, max_file_bytes: int | None = None) -> None:
+        """Start ``serve``; ``max_file_bytes`` caps the size of any file it writes (RLIMIT_FSIZE),
+        which is how a test makes the disk "full" for large images only."""
         self._log_offset = self.log.stat().st_size if self.log.exists() else 0
+        limit = [] if max_file_bytes is None else [need("prlimit"), f"--fsize={max_file_bytes}"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cxr_worker.cli", "serve"], env=self.env,
+                [*limit, sys.executable, "-m", "cxr_worker.cli", "serve"], env=self.env,
                 stdout=log, stderr=log, start_new_session=True)
         wait_until(self._ready, timeout, "the worker to listen")
 
@@ -237,14 +240,15 @@ def worker_env(data_dir: Path, port: int, pacs: Orthanc | None, **extra: str) ->
 def make_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     workers: list[Worker] = []
 
-    def make(pacs: Orthanc | None = None, start: bool = True, **extra: str) -> Worker:
+    def make(pacs: Orthanc | None = None, start: bool = True, max_file_bytes: int | None = None,
+             **extra: str) -> Worker:
         port = free_port()
         data_dir = tmp_path / f"worker-data-{len(workers)}"
         data_dir.mkdir()
         w = Worker(data_dir, port, worker_env(data_dir, port, pacs, **extra))
         workers.append(w)
         if start:
-            w.start()
+            w.start(max_file_bytes=max_file_bytes)
         return w
 
     yield make
@@ -253,9 +257,10 @@ def make_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
 
 
 def storescu(port: int, *files: Path, aet: str = "CXR_WORKER", calling: str = "MODALITY",
-             check: bool = True) -> subprocess.CompletedProcess[str]:
+             check: bool = True, verbose: bool = False) -> subprocess.CompletedProcess[str]:
     res = subprocess.run(
-        [need("storescu"), "-aet", calling, "-aec", aet, "127.0.0.1", str(port),
+        [need("storescu"), *(["-v"] if verbose else []), "-aet", calling, "-aec", aet,
+         "127.0.0.1", str(port),
          *[str(f) for f in files]],
         env=DCMTK_ENV, capture_output=True, text=True, timeout=300, check=False)
     if check and res.returncode != 0:

@@ -164,8 +164,8 @@ def test_bad_input_gets_a_status_and_the_service_keeps_going(make_worker, make_i
     del ds.PixelData
     no_pixels = tmp_path / "nopixels.dcm"
     ds.save_as(no_pixels, enforce_file_format=True)
-    res = storescu(worker.port, no_pixels, check=False)
-    assert "0xa900" in (res.stdout + res.stderr).lower() or res.returncode != 0
+    res = storescu(worker.port, no_pixels, check=False, verbose=True)
+    assert "DataSetDoesNotMatchSOPClass" in res.stdout + res.stderr, res.stdout + res.stderr
     lateral = make_images(1, prefix="lat", view_position="LL")[0]
     storescu(worker.port, lateral, good)
     wait_until(lambda: sorted(r["status"] for r in worker.worklist()) == ["not_scored", "scored"],
@@ -174,3 +174,50 @@ def test_bad_input_gets_a_status_and_the_service_keeps_going(make_worker, make_i
     assert refused["label"] == "NOT SCORED"
     assert "view_position" in refused["reason"]
     assert refused["probability"] is None
+
+
+def test_out_of_disk_answers_a700_and_keeps_serving(make_worker, make_images):
+    # files over 3 MB cannot be written (RLIMIT_FSIZE): the spool write fails like a full disk
+    worker = make_worker(max_file_bytes=3 * 2**20)
+    big = make_images(1, prefix="big", shape=(2048, 1700))  # 7 MB
+    small = make_images(1, prefix="small", shape=(512, 512))
+    res = storescu(worker.port, *big, check=False, verbose=True)
+    assert "Refused: OutOfResources" in res.stdout + res.stderr, res.stdout + res.stderr
+    assert worker.worklist() == [], "a refused image must not appear as received"
+    storescu(worker.port, *small)
+    wait_until(lambda: [r["status"] for r in worker.worklist()] == ["scored"], 30,
+               "the next image scored")
+    assert "out of resources" in worker.text()
+
+
+def test_serve_on_postgresql(make_worker, make_images):
+    import uuid
+
+    from sqlalchemy import text
+
+    from cxr_worker.worklist import queue
+
+    url = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+    try:
+        base = queue.make_engine(url)
+        with base.connect() as c:
+            c.execute(text("select 1"))
+    except Exception as exc:
+        pytest.skip(f"no PostgreSQL answers at 127.0.0.1:5432 ({type(exc).__name__})")
+    schema_name = f"cxr_e2e_{uuid.uuid4().hex[:8]}"
+    with base.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.execute(text(f'CREATE SCHEMA "{schema_name}"'))
+    try:
+        worker = make_worker(
+            CXR_WORKER__DATABASE__URL=f"{url}?options=-csearch_path%3D{schema_name}")
+        storescu(worker.port, *make_images(2, prefix="pg"))
+        wait_until(lambda: sorted(r["status"] for r in worker.worklist()) == ["scored"] * 2,
+                   30, "two images scored with the PostgreSQL worklist")
+        assert worker.stop() == 0
+        with base.connect() as c:
+            n = c.execute(text(f'SELECT count(*) FROM "{schema_name}".instances')).scalar()
+        assert n == 2
+    finally:
+        with base.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.execute(text(f'DROP SCHEMA "{schema_name}" CASCADE'))
+        base.dispose()
