@@ -71,11 +71,14 @@ def check(ds: Dataset, cfg: GateConfig) -> GateResult:
         raise OutOfScopeError("sop_class", f"SOP Class {sop_class} is not a radiograph we score")
 
     image_type = [str(v).upper() for v in ds.get("ImageType", [])]
+    # Series Number compared as text: an invalid IS value (pydicom keeps "abc" as a string)
+    # must not raise here
+    series_number = str(ds.get("SeriesNumber", "") or "").strip()
     if (
         str(ds.get("SOPInstanceUID", "")).startswith(cfg.uid_prefix)
         or str(ds.get("Manufacturer", "")) == cfg.manufacturer
         or (image_type[:2] == ["DERIVED", "SECONDARY"]
-            and ds.get("SeriesNumber") is not None and int(ds.SeriesNumber) == cfg.series_number)
+            and series_number == str(cfg.series_number))
     ):
         raise OutOfScopeError("own_output", "this is a result object of cxr-worker")
 
