@@ -221,7 +221,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     s = _settings(args)
     result = evaluate(Path(args.data), Path(args.out) if args.out else None,
-                      s.model.path or None, s.model.threshold)
+                      s.model.path or None, s.model.threshold, shifts=args.shifts)
     _print_json(result) if args.json else print(json.dumps(result, indent=2))
     return EXIT_OK
 
@@ -308,6 +308,8 @@ def _add_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                         help="metrics and plots of the model on a NORMAL/PNEUMONIA folder")
     sp.add_argument("--data", required=True)
     sp.add_argument("--out", help="folder for metrics.json and the PNG plots")
+    sp.add_argument("--shifts", action="store_true",
+                    help="also score under simulated acquisition shifts (gamma, blur, JPEG...)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_evaluate)
 

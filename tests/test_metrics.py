@@ -64,9 +64,11 @@ def test_threshold_keeps_sensitivity_and_is_the_most_specific():
     p = np.r_[rng.beta(2, 5, 300), rng.beta(5, 2, 200)]
     t = metrics.select_threshold(y, p, 0.98)
     assert metrics.confusion(y, p, t).sensitivity >= 0.98
-    # any higher threshold (the next positive score up) would lose sensitivity
-    higher = np.sort(p[y == 1])[np.sort(p[y == 1]) > t][0]
-    assert metrics.confusion(y, p, higher).sensitivity < 0.98
+    # the boundary case is the lowest positive above t: a threshold above it loses sensitivity
+    above = np.sort(p[(y == 1) & (p > t)])
+    assert metrics.confusion(y, p, above[0]).sensitivity >= 0.98
+    assert metrics.confusion(y, p, above[1]).sensitivity < 0.98
+    assert not ((p > t) & (p < above[0])).any(), "no case lies between t and the boundary"
 
 
 def test_threshold_hand_computed():
@@ -74,8 +76,10 @@ def test_threshold_hand_computed():
     pos = np.linspace(0.1, 0.99, 50)
     y = np.r_[np.ones(50), np.zeros(3)]
     p = np.r_[pos, [0.05, 0.5, 0.95]]
-    assert metrics.select_threshold(y, p, 0.98) == pytest.approx(pos[1])
-    assert metrics.select_threshold(y, p, 1.0) == pytest.approx(pos[0])
+    # the case to keep is pos[1]; the next lower score is pos[0]: midway between them
+    assert metrics.select_threshold(y, p, 0.98) == pytest.approx((pos[1] + pos[0]) / 2)
+    # all must be caught: midway between the lowest positive and the negative below it
+    assert metrics.select_threshold(y, p, 1.0) == pytest.approx((pos[0] + 0.05) / 2)
 
 
 def test_roc_curve_endpoints():

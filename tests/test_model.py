@@ -123,7 +123,7 @@ def test_train_and_evaluate_end_to_end_on_a_tiny_subset(tiny_data, tmp_path):
     ev = tmp_path / "eval"
     res = subprocess.run(
         [sys.executable, "-m", "cxr_worker.cli", "evaluate", "--data", str(tiny_data),
-         "--out", str(ev), "--json"],
+         "--out", str(ev), "--json", "--shifts"],
         capture_output=True, text=True, timeout=600,
         env={**__import__("os").environ, "CXR_WORKER__MODEL__PATH": str(out)}, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -132,6 +132,7 @@ def test_train_and_evaluate_end_to_end_on_a_tiny_subset(tiny_data, tmp_path):
     assert set(m["confusion_matrix"]) == {"tn (healthy)", "fn (missed pneumonia)",
                                           "fp (just to be safe)", "tp (caught)"}
     assert sum(m["confusion_matrix"].values()) == 32
+    assert "black border 15%" in m["under_simulated_shifts"]
     for png in ("roc.png", "confusion_matrix.png", "reliability.png"):
         assert (ev / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

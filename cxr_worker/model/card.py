@@ -79,6 +79,15 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
+def _shift_table(shifts: dict[str, dict[str, float]]) -> list[str]:
+    if not shifts:
+        return []
+    rows = [f"| {name} | {v['auc']:.4f} | {v['sensitivity']:.3f} | {v['specificity']:.3f} |"
+            for name, v in shifts.items()]
+    return ["### Under simulated acquisition shifts (validation images, shipped threshold)", "",
+            "| shift | AUC | sensitivity | specificity |", "|---|---|---|---|", *rows, ""]
+
+
 def render_markdown(card: dict[str, Any]) -> str:
     val = card.get("validation", {})
     at = val.get("at_threshold", {})
@@ -116,6 +125,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         "Validation images come from the same acquisitions as the training images and flatter the "
         "model; expect lower specificity on other sites' images.",
         "",
+        *_shift_table(val.get("under_simulated_shifts", {})),
         "## Training",
         *[f"- {k}: {_fmt(v)}" for k, v in card.get("training", {}).items()],
         "",

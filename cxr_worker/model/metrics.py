@@ -158,12 +158,13 @@ def reliability_bins(
 def select_threshold(
     y_true: ArrayLike, y_prob: ArrayLike, min_sensitivity: float = 0.98
 ) -> float:
-    """The decision threshold: the *highest* threshold whose sensitivity is >= ``min_sensitivity``.
+    """The decision threshold: the most specific one whose sensitivity is >= ``min_sensitivity``.
 
-    A higher threshold can only lower sensitivity and raise specificity, so this is the most
-    specific operating point that still misses at most ``1 - min_sensitivity`` of pneumonias
-    on the data given. The threshold is placed at a case's own probability, so that case is
-    called positive (``probability >= threshold``).
+    A higher threshold can only lower sensitivity and raise specificity. The pneumonia case
+    that must still be caught is the ``allowed + 1``-th lowest positive score; the threshold
+    lies midway between that score and the next lower score of any case, so that a
+    re-computation of the same probabilities with another runtime (TFLite vs Keras differ by
+    ~1e-6) cannot flip the boundary case.
     """
     t, p = _arrays(y_true, y_prob)
     pos = np.sort(p[t == 1])
@@ -171,4 +172,6 @@ def select_threshold(
         raise ValueError("threshold selection needs pneumonia cases")
     # allowed misses: at most floor((1 - s) * n_pos) positives may fall below the threshold
     allowed = int(np.floor((1.0 - min_sensitivity) * pos.size + 1e-9))
-    return float(pos[allowed])
+    boundary = pos[allowed]
+    below = p[p < boundary]
+    return float((boundary + below.max()) / 2.0) if below.size else float(boundary)

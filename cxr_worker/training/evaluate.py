@@ -36,7 +36,7 @@ def score_folder(data_dir: Path, scorer: Scorer) -> tuple[Any, Any, list[str]]:
 
 
 def evaluate(data_dir: Path, out_dir: Path | None, model_dir: str | None = None,
-             threshold: float | None = None) -> dict[str, Any]:
+             threshold: float | None = None, shifts: bool = False) -> dict[str, Any]:
     scorer = Scorer(model_dir, threshold)
     y, p, _ = score_folder(data_dir, scorer)
     conf = metrics.confusion(y, p, scorer.threshold)
@@ -52,6 +52,12 @@ def evaluate(data_dir: Path, out_dir: Path | None, model_dir: str | None = None,
         "expected_calibration_error": metrics.expected_calibration_error(y, p),
         "reliability": metrics.reliability_bins(y, p),
     }
+    if shifts:
+        from cxr_worker.training.robustness import shift_report
+
+        images = [load_grey_image(s.path).astype(np.float32) for s in list_samples(data_dir)]
+        result["under_simulated_shifts"] = shift_report(
+            lambda x: scorer.score(x).probability, images, y, scorer.threshold)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -101,6 +101,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     from cxr_worker.model.architecture import build_model
     from cxr_worker.model.runtime import TFLiteScorer
     from cxr_worker.training.augment import make_augmenter
+    from cxr_worker.training.robustness import shift_report
 
     t_start = time.monotonic()
     keras.utils.set_random_seed(cfg.seed)
@@ -129,14 +130,17 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     shipped.save(keras_path)
     export_tflite(shipped, tflite_path)
 
-    p_va = _predict(shipped, x_va)
+    # validation figures and the threshold come from the served runtime (TFLite)
     tfl = TFLiteScorer(tflite_path)
-    n_chk = min(64, len(x_va))
-    p_tfl = np.array([tfl.predict(_as_input(x_va[i : i + 1])[0]) for i in range(n_chk)])
-    tflite_max_diff = float(np.abs(p_tfl - p_va[:n_chk]).max())
+    p_keras = _predict(shipped, x_va)
+    p_va = np.array([tfl.predict(_as_input(x_va[i : i + 1])[0]) for i in range(len(x_va))])
+    tflite_max_diff = float(np.abs(p_va - p_keras).max())
+    threshold = metrics.select_threshold(y_va, p_va, cfg.min_sensitivity)
+    print("simulated acquisition shifts on validation ...", flush=True)
+    shifts = shift_report(tfl.predict, [x.astype(np.float32) for x in x_va], y_va, threshold)
     card = _card(cfg, y_tr=y_tr, y_va=y_va, p_va=p_va, samples=train_s + val_s,
                  tflite_max_diff=tflite_max_diff, history=history, epoch_seconds=epoch_seconds,
-                 total=time.monotonic() - t_start, class_weight=class_weight)
+                 total=time.monotonic() - t_start, class_weight=class_weight, shifts=shifts)
     model_card.write_card(cfg.out_dir, card)
     conf = card["validation"]["at_threshold"]
     print(f"wrote {keras_path} and {tflite_path}; model version {card['model_version']}",
@@ -195,7 +199,8 @@ def _fit(model: Any, train_ds: Any, cfg: TrainConfig, *, n_train: int,
 
 def _card(cfg: TrainConfig, *, y_tr: Any, y_va: Any, p_va: Any, samples: list[data.Sample],
           tflite_max_diff: float, history: list[dict[str, float]], epoch_seconds: list[float],
-          total: float, class_weight: dict[int, float]) -> dict[str, Any]:
+          total: float, class_weight: dict[int, float],
+          shifts: dict[str, dict[str, float]]) -> dict[str, Any]:
     keras_path = cfg.out_dir / model_card.KERAS_FILE
     tflite_path = cfg.out_dir / model_card.TFLITE_FILE
     threshold = metrics.select_threshold(y_va, p_va, cfg.min_sensitivity)
@@ -213,7 +218,8 @@ def _card(cfg: TrainConfig, *, y_tr: Any, y_va: Any, p_va: Any, samples: list[da
             f"highest threshold keeping validation sensitivity >= {cfg.min_sensitivity} "
             "(the most specific operating point that misses at most "
             f"{100 * (1 - cfg.min_sensitivity):.0f}% of validation pneumonias); "
-            "probability >= threshold is called SUSPECTED PNEUMONIA"
+            "probability >= threshold is called SUSPECTED PNEUMONIA; placed midway between the "
+            "last pneumonia kept and the next lower score"
         ),
         "files": {
             model_card.KERAS_FILE: {"sha256": keras_sha, "bytes": keras_path.stat().st_size},
@@ -247,6 +253,8 @@ def _card(cfg: TrainConfig, *, y_tr: Any, y_va: Any, p_va: Any, samples: list[da
             "auc_ci95": list(metrics.bootstrap_auc_ci(y_va, p_va, seed=cfg.seed)),
             "expected_calibration_error": metrics.expected_calibration_error(y_va, p_va),
             "at_threshold": conf.as_dict(),
+            "runtime": "TensorFlow Lite (the served runtime)",
+            "under_simulated_shifts": shifts,
         },
         "training": {
             **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()
