@@ -67,6 +67,8 @@ def main() -> None:
             wds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.4242.99." + str(time.time_ns())
             wds.save_as(warm, enforce_file_format=True)
             _send(port, warm)
+            warm_target = result_sop_instance_uid(prefix, str(wds.SOPInstanceUID), version)
+            wait_until(lambda: orthanc.find_instance(warm_target), 60, "warm-up result")
             latencies, store_times, direct = [], [], []
             for f in files:
                 sop = str(dcmread(f, stop_before_pixels=True).SOPInstanceUID)
@@ -82,19 +84,40 @@ def main() -> None:
                 t3 = time.perf_counter()
                 _send(orthanc.dicom_port, f, aet=orthanc.aet)
                 direct.append(time.perf_counter() - t3)
+            wl_rows = worker.worklist()
         finally:
             worker.stop()
             orthanc.stop()
     ms = [x * 1000 for x in latencies]
     print(f"images: {args.n} x {rows}x{cols} 12-bit CR, explicit VR LE "
-          f"({files and rows * cols * 2 / 1e6:.1f} MB each)")
+          f"({rows * cols * 2 / 1e6:.1f} MB each)")
     print(f"end of C-STORE -> Secondary Capture in Orthanc: median {statistics.median(ms):.0f} ms,"
           f" worst {max(ms):.0f} ms, best {min(ms):.0f} ms")
+    print("per image, ms:", " ".join(f"{x:.0f}" for x in ms))
+    stages = _stage_times(wl_rows)
+    for name, values in stages.items():
+        print(f"  {name}: median {statistics.median(values):.0f} ms, worst {max(values):.0f} ms")
     print(f"storescu -> worker (one association per image): median "
           f"{statistics.median(store_times) * 1000:.0f} ms")
     print(f"storescu -> Orthanc directly (peer, same image): median "
           f"{statistics.median(direct) * 1000:.0f} ms; worker/Orthanc receive ratio "
           f"{statistics.median(store_times) / statistics.median(direct):.2f}")
+
+
+def _stage_times(rows: list[dict[str, str]]) -> dict[str, list[float]]:
+    """From the worklist's own clocks: row insert -> scored (queue wait, decode, score,
+    report) and scored -> sent (C-STORE to Orthanc)."""
+    import datetime as dt
+
+    def t(v: str) -> float:
+        return dt.datetime.fromisoformat(v).timestamp() * 1000
+
+    out: dict[str, list[float]] = {"received -> scored": [], "scored -> sent": []}
+    for r in rows:
+        if r["scored_at"] and r["sent_at"]:
+            out["received -> scored"].append(t(r["scored_at"]) - t(r["received_at"]))
+            out["scored -> sent"].append(t(r["sent_at"]) - t(r["scored_at"]))
+    return out
 
 
 def _make_images(tmp: Path, n: int, rows: int, cols: int) -> list[Path]:
