@@ -3,6 +3,7 @@ a worker subprocess, DICOM variants built from the training images."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -269,6 +270,20 @@ def storescu(port: int, *files: Path, aet: str = "CXR_WORKER", calling: str = "M
 
 
 # -- DICOM variants of the training images -----------------------------------------------
+def to_bytes(ds: Any) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def reread(ds: Any) -> Any:
+    """What a receiver holds: the dataset written and read back."""
+    from pydicom import dcmread
+
+    return dcmread(io.BytesIO(to_bytes(ds)))
+
+
+
 def kermany_files(cls: str, n: int, offset: int = 0) -> list[Path]:
     return sorted((KERMANY / cls).iterdir())[offset : offset + n]
 

@@ -13,7 +13,6 @@ Tolerances are in display units (0..255) on the 224x224 model input.
 
 from __future__ import annotations
 
-import io
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import NIH, kermany_files, need
+from conftest import NIH, kermany_files, need, reread
 from make_samples import upsample, wrap
 from numpy.typing import NDArray
 from pydicom import dcmread, uid
@@ -67,17 +66,6 @@ def radiograph(shape: tuple[int, int] = SHAPE, cls: str = "PNEUMONIA", index: in
 def save(ds: Dataset, path: Path) -> Path:
     ds.save_as(path, enforce_file_format=True)
     return path
-
-
-def to_bytes(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def reread(ds: Dataset) -> Dataset:
-    """What a receiver holds: the dataset written and read back."""
-    return dcmread(io.BytesIO(to_bytes(ds)))
 
 
 def run_tool(tool: str, *args: str | Path) -> None:

@@ -3,17 +3,15 @@ and references put it in the source study, the labels say what it is; dciodvfy a
 
 from __future__ import annotations
 
-import io
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import kermany_files, need
+from conftest import kermany_files, need, reread, to_bytes
 from make_samples import upsample, wrap
 from numpy.typing import NDArray
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from cxr_worker import decode, gate, report
@@ -35,16 +33,6 @@ CHARSETS = [
     pytest.param("ISO_IR 100", "Buc^Jérôme", id="latin-1"),
     pytest.param("GB18030", "王^小东", id="gb18030"),
 ]
-
-
-def to_bytes(ds: Dataset) -> bytes:
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def reread(ds: Dataset) -> Dataset:
-    return dcmread(io.BytesIO(to_bytes(ds)))
 
 
 def charsets(ds: Dataset) -> list[str]:

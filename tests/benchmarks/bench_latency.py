@@ -88,8 +88,14 @@ def main() -> None:
         finally:
             worker.stop()
             orthanc.stop()
+    _print(args.n, rows, cols, latencies=latencies, store_times=store_times, direct=direct,
+           wl_rows=wl_rows)
+
+
+def _print(n: int, rows: int, cols: int, *, latencies: list[float], store_times: list[float],
+           direct: list[float], wl_rows: list[dict[str, str]]) -> None:
     ms = [x * 1000 for x in latencies]
-    print(f"images: {args.n} x {rows}x{cols} 12-bit CR, explicit VR LE "
+    print(f"images: {n} x {rows}x{cols} 12-bit CR, explicit VR LE "
           f"({rows * cols * 2 / 1e6:.1f} MB each)")
     print(f"end of C-STORE -> Secondary Capture in Orthanc: median {statistics.median(ms):.0f} ms,"
           f" worst {max(ms):.0f} ms, best {min(ms):.0f} ms")
