@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -322,6 +323,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("pynetdicom", "apscheduler", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # pydicom's warnings about invalid values quote the value, which may be a patient's name
+    # or ID: keep them out of the logs (our own messages name UIDs only)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
     try:
         return int(args.func(args))
     except ConfigError as exc:

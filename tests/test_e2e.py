@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -61,6 +62,13 @@ def test_results_reach_the_source_study_in_orthanc(make_worker, orthanc, make_im
     assert len(rows) == 1 and rows[0]["status"] == "sent" and rows[0]["images"] == 3
     assert rows[0]["study_instance_uid"] == study_uid
     assert worker.stop() == 0
+    # patient data never reaches the log or the worklist; UIDs do
+    source = dcmread(files[0], stop_before_pixels=True)
+    log = worker.text()
+    assert study_uid in log
+    for value in (str(source.PatientName), str(source.PatientID), "Sample"):
+        assert value not in log, f"patient data {value!r} in the worker log"
+        assert value not in json.dumps(rows)
 
 
 def test_pacs_down_results_delivered_when_it_returns(make_worker, tmp_path, make_images):
