@@ -99,7 +99,7 @@ def wrap(
     if transfer_syntax == ExplicitVRLittleEndian:
         ds.file_meta.TransferSyntaxUID = transfer_syntax
     elif transfer_syntax != ImplicitVRLittleEndian:
-        ds.compress(transfer_syntax)
+        ds.compress(transfer_syntax, generate_instance_uid=False)  # keep the derived UID
     return ds
 
 
