@@ -321,8 +321,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("pynetdicom", "apscheduler", "alembic"):
+    for noisy in ("pynetdicom", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # a wake-up while the drain job runs is "skipped: maximum number of running instances",
+    # expected every time images arrive faster than they are scored; job errors stay visible
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
     # pydicom's warnings about invalid values quote the value, which may be a patient's name
     # or ID: keep them out of the logs (our own messages name UIDs only)
     logging.getLogger("pydicom").setLevel(logging.ERROR)

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import KERMANY, SAMPLES, free_port, worker_env
@@ -121,3 +122,19 @@ def test_shipped_model_integrity_failure_is_reported(env, tmp_path):
     res = run({**env, "CXR_WORKER__MODEL__PATH": str(broken)}, "score",
               str(SAMPLES / "cr_pa_normal_12bit.dcm"), rc=1)
     assert "sha256" in res.stderr and "refusing to load" in res.stderr
+
+
+def test_broken_file_is_quarantined_with_its_reason(env, tmp_path):
+    data = (SAMPLES / "cr_pa_normal_12bit.dcm").read_bytes()
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(data[: len(data) // 2])  # header intact, half the pixels
+    res = run(env, "replay", str(truncated), "--json", rc=1)
+    (row,) = [json.loads(x) for x in res.stdout.splitlines()]
+    assert row["status"] == "not_scored"
+    assert "quarantine" in row["reason"]
+    data_dir = Path(env["CXR_WORKER__STORAGE__DATA_DIR"])
+    kept = list((data_dir / "quarantine").glob("*.dcm"))
+    assert len(kept) == 1 and kept[0].stat().st_size == len(data) // 2
+    assert kept[0].with_suffix(".reason.txt").read_text().strip()
+    (study,) = [json.loads(x) for x in run(env, "worklist", "--json").stdout.splitlines()]
+    assert study["label"] == "NOT SCORED" and study["probability"] is None
