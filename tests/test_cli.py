@@ -91,6 +91,10 @@ def test_replay_files_then_study_with_stable_result_uids(env, tmp_path):
     assert row["result_sop_instance_uid"] == first[row["sop_instance_uid"]][
         "result_sop_instance_uid"]
 
+    since = run(env, "replay", "--since", "2000-01-01", "--dry-run", "--json").stdout
+    assert len(since.splitlines()) == 3
+    assert run(env, "replay", "--since", "2999-01-01", "--dry-run", rc=1).stdout == ""
+
     held = run(env, "replay", "--study", study, "--no-send", "--json").stdout
     assert json.loads(held)["status"] == "held"
 

@@ -6,6 +6,7 @@ import datetime as dt
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, inspect, text
@@ -198,3 +199,33 @@ def test_send_states(engine):
     queue.mark_sent(engine, job, "w")
     row = studies.triage_list(engine)[0]
     assert row.status == "sent" and row.sent_at is not None
+
+
+def test_retention_removes_files_of_finished_instances_only(engine, tmp_path):
+    from cxr_worker.jobs import apply_retention
+
+    def add(status: str, days_old: float) -> tuple[str, str]:
+        sop = _add(engine, 1)[0]
+        spool, result = tmp_path / f"{sop}.dcm", tmp_path / f"{sop}.sc.dcm"
+        spool.write_bytes(b"x")
+        result.write_bytes(b"y")
+        with engine.begin() as c:
+            c.execute(text("UPDATE instances SET status = :s, received_at = :t, spool_path = :p, "
+                           "result_path = :r WHERE sop_instance_uid = :u"),
+                      {"s": status, "t": dt.datetime.now(dt.UTC).replace(tzinfo=None)
+                       - dt.timedelta(days=days_old), "p": str(spool), "r": str(result),
+                       "u": sop})
+        return str(spool), str(result)
+
+    old_sent = add("sent", 40)
+    old_failed = add("failed", 40)  # dead letters stay for the operator
+    old_scored = add("scored", 40)  # PACS configured: not delivered yet, must stay
+    new_sent = add("sent", 1)
+    assert apply_retention(engine, 30, pacs_configured=True) == 1
+    assert not any(map(lambda p: Path(p).exists(), old_sent))
+    for kept in (old_failed, old_scored, new_sent):
+        assert all(Path(p).exists() for p in kept)
+    assert sum(r.images for r in studies.triage_list(engine, limit=None)) == 4  # rows stay
+    # without a PACS, a scored result is finished
+    assert apply_retention(engine, 30, pacs_configured=False) == 1
+    assert not Path(old_scored[0]).exists()

@@ -81,7 +81,7 @@ def _study_row(rows: list[Instance]) -> StudyRow:
             threshold=top.threshold,
             model_version=top.model_version,
             outside_population=any(r.outside_population for r in scored),
-            scored_at=max(r.scored_at for r in scored if r.scored_at),
+            scored_at=max((r.scored_at for r in scored if r.scored_at), default=None),
             sent_at=max(sent_times) if sent_times and status == "sent" else None,
         )
     if pending:
