@@ -94,11 +94,24 @@ def _t(v: dt.datetime | None) -> str:
     return v.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S") if v else "-"
 
 
+def _parse_since(value: str) -> dt.datetime | None:
+    """ISO date/time, UTC unless it names a zone; None (with a message) when unreadable."""
+    try:
+        since = dt.datetime.fromisoformat(value)
+    except ValueError:
+        print(f"--since: not an ISO date/time: {value!r}", file=sys.stderr)
+        return None
+    return since if since.tzinfo else since.replace(tzinfo=dt.UTC)
+
+
 def cmd_worklist(args: argparse.Namespace) -> int:
     from cxr_worker.worklist import studies
 
     engine = open_worklist(_settings(args))
-    rows = studies.triage_list(engine, args.status, args.limit)
+    since = _parse_since(args.since) if args.since else None
+    if args.since and since is None:
+        return EXIT_USAGE
+    rows = studies.triage_list(engine, args.status, args.limit, since)
     if args.json:
         for r in rows:
             _print_json(r.as_json())
@@ -183,13 +196,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from cxr_worker import replay
 
     s = _settings(args)
-    try:
-        since = dt.datetime.fromisoformat(args.since) if args.since else None
-    except ValueError:
-        print(f"--since: not an ISO date/time: {args.since!r}", file=sys.stderr)
+    since = _parse_since(args.since) if args.since else None
+    if args.since and since is None:
         return EXIT_USAGE
-    if since is not None and since.tzinfo is None:
-        since = since.replace(tzinfo=dt.UTC)
     results = replay.run(s, paths=[Path(p) for p in args.paths], study=args.study, since=since,
                          dry_run=args.dry_run, send=not args.no_send)
     for r in results:
@@ -260,6 +269,9 @@ def _add_service_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                         help="the triage list: suspected pneumonia first")
     sp.add_argument("--status", choices=STATUS_FILTERS)
     sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--since", metavar="TIME",
+                    help="only studies with an image received since this ISO time (UTC unless "
+                    "it names a zone), e.g. the start of the reading shift")
     sp.add_argument("--json", action="store_true", help="one JSON object per line")
     sp.set_defaults(func=cmd_worklist)
 

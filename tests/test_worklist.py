@@ -172,6 +172,11 @@ def test_triage_order_suspected_first_then_arrival(engine):
         ["1.4", "1.2"]
     assert [r.study_instance_uid for r in studies.triage_list(engine, "not_scored")] == ["1.3"]
     assert len(studies.triage_list(engine, limit=2)) == 2
+    with engine.begin() as c:  # study 1.4 arrived long ago
+        c.execute(text("UPDATE instances SET received_at = :t WHERE study_instance_uid = '1.4'"),
+                  {"t": dt.datetime(2000, 1, 1)})
+    recent = studies.triage_list(engine, since=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
+    assert [r.study_instance_uid for r in recent] == ["1.2", "1.1", "1.3", "1.5"]
 
 
 def test_study_with_one_suspected_image_is_suspected(engine):

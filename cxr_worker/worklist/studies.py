@@ -95,11 +95,17 @@ def _study_row(rows: list[Instance]) -> StudyRow:
 
 
 def triage_list(
-    engine: Engine, status: str | None = None, limit: int | None = 50
+    engine: Engine, status: str | None = None, limit: int | None = 50,
+    since: dt.datetime | None = None,
 ) -> list[StudyRow]:
-    """Studies in triage order, optionally filtered by study status (or ``suspected``)."""
+    """Studies in triage order, optionally filtered by study status (or ``suspected``) and
+    to studies with an image received at or after ``since``."""
+    query = select(Instance)
+    if since is not None:
+        recent = select(Instance.study_instance_uid).where(Instance.received_at >= since)
+        query = query.where(Instance.study_instance_uid.in_(recent))
     with Session(engine) as s:
-        instances = s.scalars(select(Instance)).all()
+        instances = s.scalars(query).all()
         by_study: dict[str, list[Instance]] = defaultdict(list)
         for r in instances:
             by_study[r.study_instance_uid].append(r)
