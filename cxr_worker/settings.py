@@ -248,7 +248,3 @@ def _set(settings: Settings, section: str, key: str, value: Any, from_env: bool)
     if key not in fields:
         raise ConfigError(f"unknown key {section}.{key}")
     setattr(obj, key, _coerce(f"{section}.{key}", value, str(fields[key].type), from_env))
-
-
-def as_dict(settings: Settings) -> dict[str, Any]:
-    return dataclasses.asdict(settings)

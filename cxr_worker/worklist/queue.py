@@ -210,17 +210,3 @@ def requeue(engine: Engine, instance_ids: list[int]) -> int:
         for row in rows:
             _reset(row, now)
         return len(rows)
-
-
-def requeue_send(engine: Engine, instance_ids: list[int]) -> int:
-    """Deliver existing results again (after a PACS outage) without re-scoring."""
-    now = utcnow()
-    with Session(engine) as s, s.begin():
-        rows = s.scalars(select(Instance).where(
-            Instance.id.in_(instance_ids), Instance.result_path.is_not(None))).all()
-        for row in rows:
-            row.status = Status.SCORED
-            row.send_attempts = 0
-            row.reason = None
-            row.next_attempt_at = now
-        return len(rows)
