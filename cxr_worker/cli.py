@@ -71,14 +71,10 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    from sqlalchemy import make_url
-
     from cxr_worker.worklist import queue, schema
 
     s = _settings(args)
-    url = make_url(s.database_url)
-    if url.get_backend_name() == "sqlite" and url.database:
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    schema.ensure_sqlite_folder(s.database_url)
     engine = queue.make_engine(s.database_url)
     if args.db_command == "upgrade":
         rev = schema.upgrade(engine, args.revision)

@@ -5,8 +5,9 @@
     ├── ModelIntegrityError    model file missing, or its sha256 differs from the model card
     ├── NotScoredError         an image that is kept but not scored; ``reason`` is recorded
     │   ├── OutOfScopeError    the gate refused it (``rule`` names the rule)
-    │   └── DecodeError        its pixels cannot be turned into model input
-    │       └── UnsupportedTransferSyntaxError
+    │   ├── DecodeError        its pixels cannot be turned into model input
+    │   │   └── UnsupportedTransferSyntaxError
+    │   └── QuarantinedError   not scored, and the file moved to the quarantine folder
     ├── SpoolError             the spool could not store a dataset durably
     └── SendError              the PACS refused or could not be reached (retried later)
 
@@ -14,6 +15,8 @@ Every error that reaches the worklist or a CLI's JSON carries a short, patient-f
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 
 class CxrWorkerError(Exception):
@@ -50,6 +53,14 @@ class DecodeError(NotScoredError):
 
 class UnsupportedTransferSyntaxError(DecodeError):
     """No installed decoder handles the transfer syntax."""
+
+
+class QuarantinedError(NotScoredError):
+    """Not scored, and the file was moved to ``path`` in the quarantine folder."""
+
+    def __init__(self, reason: str, path: Path) -> None:
+        super().__init__(reason)
+        self.path = path
 
 
 class SpoolError(CxrWorkerError):

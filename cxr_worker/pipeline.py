@@ -17,7 +17,6 @@ import os
 import socket
 import threading
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
@@ -25,7 +24,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import Engine
 
 from cxr_worker import decode, gate, report, send
-from cxr_worker.errors import DecodeError, NotScoredError, SendError
+from cxr_worker.errors import DecodeError, NotScoredError, QuarantinedError, SendError
 from cxr_worker.model.preprocess import to_model_input
 from cxr_worker.score import Scorer
 from cxr_worker.spool import Spool, atomic_write
@@ -38,14 +37,6 @@ def new_owner_id() -> str:
     return f"{socket.gethostname()[:32]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    lease_seconds: float
-    max_attempts: int
-    base_seconds: float
-    max_seconds: float
-
-
 class Pipeline:
     def __init__(
         self,
@@ -55,7 +46,7 @@ class Pipeline:
         scorer: Scorer,
         gate_cfg: gate.GateConfig,
         report_cfg: report.ReportConfig,
-        retry: RetryPolicy,
+        retry: queue.RetryPolicy,
         pacs: send.Peer | None,
         owner: str | None = None,
         hold_results: bool = False,
@@ -84,19 +75,19 @@ class Pipeline:
             self._process(job)
         except NotScoredError as exc:
             logger.info("not scored %s: %s", job.sop_instance_uid, exc.reason)
-            queue.mark_not_scored(self.engine, job, self.owner, exc.reason)
+            # the row follows a quarantined file, so replay and retention still find it
+            moved = {"spool_path": str(exc.path)} if isinstance(exc, QuarantinedError) else {}
+            queue.mark_not_scored(self.engine, job, self.owner, exc.reason, **moved)
         except Exception as exc:
             logger.exception("processing %s failed", job.sop_instance_uid)
-            queue.mark_attempt_failed(
-                self.engine, job, self.owner, "process", error=f"{type(exc).__name__}: {exc}",
-                max_attempts=self.retry.max_attempts, base_seconds=self.retry.base_seconds,
-                max_seconds=self.retry.max_seconds)
+            queue.mark_attempt_failed(self.engine, job, self.owner, "process",
+                                      f"{type(exc).__name__}: {exc}", policy=self.retry)
         return True
 
-    def _quarantine(self, job: queue.Job, reason: str) -> NotScoredError:
+    def _quarantine(self, job: queue.Job, reason: str) -> QuarantinedError:
         dest = self.spool.quarantine(Path(job.spool_path), reason)
         logger.warning("quarantined %s: %s", job.sop_instance_uid, reason)
-        return NotScoredError(f"{reason} (file kept in quarantine as {dest.name})")
+        return QuarantinedError(f"{reason} (file kept in quarantine as {dest.name})", dest)
 
     def _process(self, job: queue.Job) -> None:
         try:
@@ -139,10 +130,8 @@ class Pipeline:
                 raise SendError("no result file recorded")
             send.store(self.pacs, dcmread(job.result_path))
         except (SendError, OSError, InvalidDicomError) as exc:
-            status = queue.mark_attempt_failed(
-                self.engine, job, self.owner, "send", error=str(exc),
-                max_attempts=self.retry.max_attempts, base_seconds=self.retry.base_seconds,
-                max_seconds=self.retry.max_seconds)
+            status = queue.mark_attempt_failed(self.engine, job, self.owner, "send", str(exc),
+                                               policy=self.retry)
             logger.warning("sending result of %s failed (%s): %s", job.sop_instance_uid,
                            status, exc)
         else:

@@ -55,14 +55,12 @@ def _enqueue_file(engine: Engine, spool: Spool, path: Path) -> tuple[int | None,
         f.write(data)
 
     atomic_write(dest, write)
-    queue.enqueue(
+    row_id, _ = queue.enqueue(
         engine, sop_instance_uid=sop_uid, sop_class_uid=str(ds.get("SOPClassUID", "")),
         study_instance_uid=study_uid, series_instance_uid=series_uid,
         accession_number=str(ds.get("AccessionNumber", "") or "")[:16],
         calling_ae_title="REPLAY", spool_path=str(dest),
         transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")))
-    with Session(engine) as s:
-        row_id = s.scalars(select(Instance.id).where(Instance.sop_instance_uid == sop_uid)).one()
     return row_id, {}
 
 
@@ -123,8 +121,7 @@ def run(s: Settings, *, paths: list[Path], study: str | None, since: dt.datetime
         ids.extend(selected)
     if not ids:
         return errors
-    pipeline = build_pipeline(s, load_scorer(s), migrate=False)
-    pipeline.only_ids = set(ids)
-    pipeline.hold_results = not send
+    pipeline = build_pipeline(s, load_scorer(s), migrate=False, hold_results=not send,
+                              only_ids=set(ids))
     pipeline.drain(max_jobs=2 * len(ids) + 10)
     return errors + _describe(engine, ids)

@@ -17,7 +17,7 @@ from typing import Any
 
 from cxr_worker import gate, receive, report, send
 from cxr_worker.jobs import Jobs
-from cxr_worker.pipeline import Pipeline, RetryPolicy
+from cxr_worker.pipeline import Pipeline
 from cxr_worker.score import Scorer
 from cxr_worker.settings import Settings
 from cxr_worker.spool import Spool
@@ -58,13 +58,14 @@ def load_scorer(s: Settings) -> Scorer:
     return Scorer(s.model.path or None, s.model.threshold, s.model.num_threads)
 
 
-def build_pipeline(s: Settings, scorer: Scorer, migrate: bool = True) -> Pipeline:
+def build_pipeline(s: Settings, scorer: Scorer, migrate: bool = True, *,
+                   hold_results: bool = False, only_ids: set[int] | None = None) -> Pipeline:
     engine = schema.open_database(s.database_url, migrate=migrate)
-    retry = RetryPolicy(s.jobs.lease_seconds, s.jobs.max_attempts, s.jobs.retry_base_seconds,
-                        s.jobs.retry_max_seconds)
+    retry = queue.RetryPolicy(s.jobs.lease_seconds, s.jobs.max_attempts,
+                              s.jobs.retry_base_seconds, s.jobs.retry_max_seconds)
     return Pipeline(engine=engine, spool=Spool(s.data_dir), scorer=scorer,
                     gate_cfg=gate_config(s), report_cfg=report_config(s), retry=retry,
-                    pacs=pacs_peer(s))
+                    pacs=pacs_peer(s), hold_results=hold_results, only_ids=only_ids)
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter

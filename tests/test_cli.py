@@ -144,3 +144,8 @@ def test_broken_file_is_quarantined_with_its_reason(env, tmp_path):
     assert kept[0].with_suffix(".reason.txt").read_text().strip()
     (study,) = [json.loads(x) for x in run(env, "worklist", "--json").stdout.splitlines()]
     assert study["label"] == "NOT SCORED" and study["probability"] is None
+    # the row follows the file: a replay of the study reads it from quarantine, and says why
+    again = run(env, "replay", "--study", study["study_instance_uid"], "--json", rc=1).stdout
+    assert json.loads(again)["status"] == "not_scored"
+    assert "missing" not in json.loads(again)["reason"]
+    assert kept[0].exists()

@@ -15,6 +15,7 @@ from cxr_worker.worklist import queue, schema, studies
 from cxr_worker.worklist.models import Label, Status
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+SLOW_RETRY = queue.RetryPolicy(lease_seconds=60, max_attempts=2, base_seconds=30, max_seconds=60)
 
 
 def _pg_engine() -> Engine:
@@ -77,10 +78,12 @@ def test_enqueue_is_idempotent_on_sop_instance_uid(engine):
     queue.mark_scored(engine, job, "w1", probability=0.9, label=Label.SUSPECTED, threshold=0.5,
                       model_version="m", result_path="/r", result_sop_instance_uid="9.9")
     # the same instance again: one row, processed again
-    new = queue.enqueue(engine, sop_instance_uid=sop, sop_class_uid="x", study_instance_uid="s",
-                        series_instance_uid="se", accession_number="", calling_ae_title="",
-                        transfer_syntax_uid="", spool_path="/p")
+    row_id, new = queue.enqueue(
+        engine, sop_instance_uid=sop, sop_class_uid="x", study_instance_uid="s",
+        series_instance_uid="se", accession_number="", calling_ae_title="",
+        transfer_syntax_uid="", spool_path="/p")
     assert new is False
+    assert row_id == job.id
     rows = studies.triage_list(engine, limit=None)
     assert sum(r.images for r in rows) == 1
     assert queue.claim(engine, "process", "w1", 60) is not None
@@ -124,8 +127,7 @@ def test_retry_backoff_then_dead_letter(engine):
     _add(engine, 1)
     job = queue.claim(engine, "process", "w", 60)
     assert job is not None
-    st = queue.mark_attempt_failed(engine, job, "w", "process", error="boom", max_attempts=2,
-                                   base_seconds=30, max_seconds=60)
+    st = queue.mark_attempt_failed(engine, job, "w", "process", "boom", policy=SLOW_RETRY)
     assert st == Status.RECEIVED
     assert queue.claim(engine, "process", "w", 60) is None  # not due for 30 s
     rows = studies.triage_list(engine)
@@ -135,8 +137,7 @@ def test_retry_backoff_then_dead_letter(engine):
                   {"t": dt.datetime(2000, 1, 1)})
     job = queue.claim(engine, "process", "w", 60)
     assert job is not None and job.attempts == 1
-    assert queue.mark_attempt_failed(engine, job, "w", "process", error="boom", max_attempts=2,
-                                   base_seconds=30, max_seconds=60) == \
+    assert queue.mark_attempt_failed(engine, job, "w", "process", "boom", policy=SLOW_RETRY) == \
         Status.FAILED
     row = studies.triage_list(engine)[0]
     assert row.status == "failed" and row.label == "FAILED" and row.probability is None
@@ -193,8 +194,8 @@ def test_send_states(engine):
     _score(engine, a, 0.8, Label.SUSPECTED)
     job = queue.claim(engine, "send", "w", 60)
     assert job is not None
-    queue.mark_attempt_failed(engine, job, "w", "send", error="PACS down", max_attempts=5,
-                              base_seconds=0.01, max_seconds=0.01)
+    queue.mark_attempt_failed(engine, job, "w", "send", "PACS down",
+                              policy=queue.RetryPolicy(60, 5, 0.01, 0.01))
     assert studies.triage_list(engine)[0].status == "retrying"
     import time
 

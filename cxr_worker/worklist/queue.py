@@ -64,12 +64,22 @@ class Job:
         return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})
 
 
-def enqueue(engine: Engine, **values: Any) -> bool:
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long a claim holds, and how failed attempts are retried before the dead letter."""
+
+    lease_seconds: float
+    max_attempts: int
+    base_seconds: float
+    max_seconds: float
+
+
+def enqueue(engine: Engine, **values: Any) -> tuple[int, bool]:
     """Insert a received instance, or re-queue it if its SOP Instance UID is known.
 
-    Returns True when the row is new. A duplicate replaces the spooled file (same path) and
-    is processed again; its result keeps the same derived SOP Instance UID, so the PACS
-    ends with one result either way.
+    Returns the row id and whether the row is new. A duplicate replaces the spooled file
+    (same path) and is processed again; its result keeps the same derived SOP Instance UID,
+    so the PACS ends with one result either way.
     """
     now = utcnow()
     with Session(engine) as s, s.begin():
@@ -77,12 +87,14 @@ def enqueue(engine: Engine, **values: Any) -> bool:
             select(Instance).where(Instance.sop_instance_uid == values["sop_instance_uid"])
         ).one_or_none()
         if row is None:
-            s.add(Instance(**values, status=Status.RECEIVED, received_at=now, next_attempt_at=now))
-            return True
+            row = Instance(**values, status=Status.RECEIVED, received_at=now, next_attempt_at=now)
+            s.add(row)
+            s.flush()
+            return row.id, True
         for k, v in values.items():
             setattr(row, k, v)
         _reset(row, now)
-        return False
+        return row.id, False
 
 
 def _reset(row: Instance, now: dt.datetime) -> None:
@@ -166,11 +178,9 @@ def mark_attempt_failed(
     job: Job,
     owner: str,
     kind: Kind,
-    *,
     error: str,
-    max_attempts: int,
-    base_seconds: float,
-    max_seconds: float,
+    *,
+    policy: RetryPolicy,
 ) -> str:
     """Count a failed attempt: retry later with exponential backoff, or dead-letter it.
 
@@ -178,15 +188,15 @@ def mark_attempt_failed(
     """
     attempts = (job.attempts if kind == "process" else job.send_attempts) + 1
     counter = "attempts" if kind == "process" else "send_attempts"
-    if attempts >= max_attempts:
+    if attempts >= policy.max_attempts:
         status = Status.FAILED
         reason = f"{'processing' if kind == 'process' else 'sending'} failed {attempts} times: " \
                  f"{error}"
         delay = 0.0
     else:
         status = Status(job.status)
-        reason = f"retrying ({attempts}/{max_attempts}): {error}"
-        delay = min(base_seconds * 2 ** (attempts - 1), max_seconds)
+        reason = f"retrying ({attempts}/{policy.max_attempts}): {error}"
+        delay = min(policy.base_seconds * 2 ** (attempts - 1), policy.max_seconds)
     _finish(engine, job, owner, status=status, reason=reason, **{counter: attempts},
             next_attempt_at=utcnow() + dt.timedelta(seconds=delay))
     return str(status)

@@ -49,6 +49,14 @@ def downgrade(engine: Engine, revision: str) -> str | None:
     return current_revision(engine)
 
 
+def ensure_sqlite_folder(url: str) -> None:
+    """Create the folder of an SQLite file URL (nothing for other databases)."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database \
+            and parsed.database != ":memory:":
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+
+
 def open_database(url: str, migrate: bool = False) -> Engine:
     """The worklist engine, ready to use.
 
@@ -58,10 +66,8 @@ def open_database(url: str, migrate: bool = False) -> Engine:
     """
     from cxr_worker.worklist.queue import make_engine
 
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.database and parsed.database != ":memory:":
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    ensure_sqlite_folder(url)
+    if make_url(url).get_backend_name() == "sqlite":
         engine = make_engine(url)
         upgrade(engine)
         return engine
