@@ -77,8 +77,8 @@ def render(display: NDArray[np.floating], lines: list[str], suspected: bool) -> 
     banner_h = line_h * len(lines) + font_size
     canvas = Image.new("RGB", (width, size[1] + banner_h), (0, 0, 0))
     colour = (170, 20, 20) if suspected else (20, 90, 40)
-    ImageDraw.Draw(canvas).rectangle([0, 0, width, banner_h - 1], fill=colour)
     draw = ImageDraw.Draw(canvas)
+    draw.rectangle([0, 0, width, banner_h - 1], fill=colour)
     for i, text in enumerate(lines):
         draw.text((font_size // 2, font_size // 2 + i * line_h), text, fill=(255, 255, 255),
                   font=font)

@@ -138,7 +138,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     threshold = metrics.select_threshold(y_va, p_va, cfg.min_sensitivity)
     print("simulated acquisition shifts on validation ...", flush=True)
     shifts = shift_report(tfl.predict, [x.astype(np.float32) for x in x_va], y_va, threshold)
-    card = _card(cfg, y_tr=y_tr, y_va=y_va, p_va=p_va, samples=train_s + val_s,
+    card = _card(cfg, y_tr=y_tr, y_va=y_va, p_va=p_va, threshold=threshold,
+                 samples=train_s + val_s,
                  tflite_max_diff=tflite_max_diff, history=history, epoch_seconds=epoch_seconds,
                  total=time.monotonic() - t_start, class_weight=class_weight, shifts=shifts)
     model_card.write_card(cfg.out_dir, card)
@@ -197,13 +198,13 @@ def _fit(model: Any, train_ds: Any, cfg: TrainConfig, *, n_train: int,
     return history, epoch_seconds
 
 
-def _card(cfg: TrainConfig, *, y_tr: Any, y_va: Any, p_va: Any, samples: list[data.Sample],
+def _card(cfg: TrainConfig, *, y_tr: Any, y_va: Any, p_va: Any, threshold: float,
+          samples: list[data.Sample],
           tflite_max_diff: float, history: list[dict[str, float]], epoch_seconds: list[float],
           total: float, class_weight: dict[int, float],
           shifts: dict[str, dict[str, float]]) -> dict[str, Any]:
     keras_path = cfg.out_dir / model_card.KERAS_FILE
     tflite_path = cfg.out_dir / model_card.TFLITE_FILE
-    threshold = metrics.select_threshold(y_va, p_va, cfg.min_sensitivity)
     conf = metrics.confusion(y_va, p_va, threshold)
     n_pos = float(y_tr.sum())
     n_neg = float(len(y_tr) - n_pos)
