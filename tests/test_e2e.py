@@ -250,3 +250,24 @@ def test_serve_on_postgresql(make_worker, make_images):
         with base.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
             c.execute(text(f'DROP SCHEMA "{schema_name}" CASCADE'))
         base.dispose()
+
+
+@pytest.mark.parametrize(("dcmconv_flag", "storescu_flag"), [
+    ("+te", "-xe"), ("+ti", "-xi"), ("+tb", "-xb"), ("+td", "-xd"),
+], ids=["explicit-le", "implicit-le", "explicit-be", "deflated"])
+def test_every_uncompressed_association_syntax_is_spooled_and_scored(
+        make_worker, make_images, tmp_path, dcmconv_flag, storescu_flag):
+    # the C-STORE handler reads the header in the association's transfer syntax
+    worker = make_worker()
+    src = make_images(1, prefix=dcmconv_flag.strip("+"))[0]
+    converted = tmp_path / "converted.dcm"
+    subprocess.run([need("dcmconv"), dcmconv_flag, str(src), str(converted)], check=True,
+                   capture_output=True)
+    res = subprocess.run([need("storescu"), "-v", storescu_flag, "-aec", "CXR_WORKER",
+                          "127.0.0.1", str(worker.port), str(converted)],
+                         env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert "Received Store Response (Success)" in res.stdout + res.stderr, res.stderr
+    wait_until(lambda: [r["status"] for r in worker.worklist()] == ["scored"], 30, "scored")
+    (spooled,) = (worker.data_dir / "spool").rglob("*.dcm")
+    assert dcmread(spooled).SOPInstanceUID == dcmread(src).SOPInstanceUID
