@@ -112,20 +112,24 @@ def cmd_worklist(args: argparse.Namespace) -> int:
         for r in rows:
             _print_json(r.as_json())
         return EXIT_OK
-    header = f"{'RESULT':<22} {'PROB':>5} {'STATUS':<10} {'ACCESSION':<16} {'RECEIVED':<19} " \
-             f"{'SCORED':<19} {'SENT':<19} STUDY INSTANCE UID / MODEL / REASON"
+    from cxr_worker.labels import Population, format_probability
+
+    # the population beside the label: a result is only as good as the population it was
+    # validated on (shown for studies with a result; "-" for pending, refused, failed)
+    header = f"{'RESULT':<22} {'POPULATION':<28} {'PROB':>6} {'STATUS':<10} " \
+             f"{'ACCESSION':<16} {'RECEIVED':<19} {'SCORED':<19} {'SENT':<19} " \
+             "STUDY INSTANCE UID / MODEL / REASON"
     print(header)
     for r in rows:
-        prob = f"{r.probability:.3f}" if r.probability is not None else "-"
+        prob = format_probability(r.probability) if r.probability is not None else "-"
+        population = Population(r.population).text if r.probability is not None else "-"
         extra = r.model_version or ""
-        if r.outside_population:
-            extra += " [outside validated population]"
         if r.reason and r.status != "sent":
             extra += f" ({r.reason})"
         label = r.label if r.status != "not_scored" else "NOT SCORED"
-        print(f"{label:<22} {prob:>5} {r.status:<10} {r.accession_number or '-':<16} "
-              f"{_t(r.received_at):<19} {_t(r.scored_at):<19} {_t(r.sent_at):<19} "
-              f"{r.study_instance_uid} {extra}".rstrip())
+        print(f"{label:<22} {population:<28} {prob:>6} {r.status:<10} "
+              f"{r.accession_number or '-':<16} {_t(r.received_at):<19} {_t(r.scored_at):<19} "
+              f"{_t(r.sent_at):<19} {r.study_instance_uid} {extra}".rstrip())
     if not rows:
         print("(no studies)")
     return EXIT_OK
@@ -133,41 +137,42 @@ def cmd_worklist(args: argparse.Namespace) -> int:
 
 # -- score ------------------------------------------------------------------------------
 def _score_one(path: Path, scorer: Any, gate_cfg: Any) -> dict[str, Any]:
-    from cxr_worker import decode, gate
     from cxr_worker.errors import NotScoredError
-    from cxr_worker.model.preprocess import load_grey_image, to_model_input
+    from cxr_worker.labels import Population
+    from cxr_worker.pipeline import assess_file
 
     out: dict[str, Any] = {"path": str(path)}
-    note = None
     try:
-        if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
-            try:
-                x = to_model_input(load_grey_image(path))
-            except OSError as exc:
-                raise NotScoredError(f"unreadable image: {exc}") from exc
-        else:
-            ds = decode.read_file(path)
-            note = gate.check(ds, gate_cfg).note
-            x = decode.model_input(ds)
+        result = assess_file(path, scorer, gate_cfg)
     except NotScoredError as exc:
-        return {**out, "scored": False, "reason": exc.reason,
-                "rule": getattr(exc, "rule", None)}
+        refused = {**out, "scored": False, "reason": exc.reason,
+                   "rule": getattr(exc, "rule", None)}
+        population = getattr(exc, "population", None)
+        if population:  # refused for its population (rule patient_age)
+            refused["population"] = population
+        return refused
     except OSError as exc:
         return {**out, "scored": False, "reason": f"cannot read: {exc.strerror or exc}",
                 "rule": None}
-    sc = scorer.score(x)
+    sc = result.score
+    if result.gate is not None:
+        population, population_text = str(result.gate.population), result.gate.population_text
+    else:  # PNG/JPEG: no header, no age
+        population = str(Population.UNKNOWN)
+        population_text = f"{Population.UNKNOWN.text} (no DICOM header, no patient age)"
     out.update(scored=True, probability=sc.probability, label=sc.label,
-               threshold=sc.threshold, model_version=sc.model_version)
-    if note:
-        out["note"] = note
+               population=population, population_text=population_text,
+               threshold=sc.threshold, threshold_source=sc.threshold_source,
+               model_version=sc.model_version)
     return out
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from cxr_worker.service import gate_config, load_scorer
+    from cxr_worker.labels import format_probability, format_threshold
+    from cxr_worker.service import existing_worklist, gate_config, load_scorer
 
     s = _settings(args)
-    scorer = load_scorer(s)
+    scorer = load_scorer(s, existing_worklist(s))
     gate_cfg = gate_config(s)
     paths: list[Path] = []
     for p in map(Path, args.paths):
@@ -179,9 +184,10 @@ def cmd_score(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(res)
         elif res["scored"]:
-            print(f"{p}: {res['label']} p={res['probability']:.3f} "
-                  f"(threshold {res['threshold']:.3f}, {res['model_version']})"
-                  + (f" [{res['note']}]" if "note" in res else ""))
+            print(f"{p}: {res['label']} | {res['population_text']} | "
+                  f"p={format_probability(res['probability'])} "
+                  f"(threshold {format_threshold(res['threshold'])}, "
+                  f"{res['threshold_source']}; {res['model_version']})")
         else:
             print(f"{p}: NOT SCORED: {res['reason']}")
     return EXIT_FAILED if failures else EXIT_OK
@@ -190,6 +196,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 # -- replay -----------------------------------------------------------------------------
 def cmd_replay(args: argparse.Namespace) -> int:
     from cxr_worker import replay
+    from cxr_worker.labels import format_probability
 
     s = _settings(args)
     since = _parse_since(args.since) if args.since else None
@@ -201,7 +208,9 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(r)
         else:
-            print(" ".join(f"{k}={v}" for k, v in r.items() if v is not None))
+            shown = {k: repr(format_probability(v)) if k == "probability" else v
+                     for k, v in r.items() if v is not None}  # probability='> 0.99'
+            print(" ".join(f"{k}={v}" for k, v in shown.items()))
     if not results:
         print("nothing to replay", file=sys.stderr)
         return EXIT_FAILED
@@ -210,7 +219,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
 
 # -- model --------------------------------------------------------------------------------
+def _missing_train_extra(command: str) -> bool:
+    """True (with a message) when the training extra is not installed."""
+    import importlib.util
+
+    missing = [m for m in ("tensorflow", "sklearn", "matplotlib")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"{command} needs the training tools ({', '.join(missing)} missing): "
+              "pip install 'cxr-worker[train]'", file=sys.stderr)
+    return bool(missing)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    if _missing_train_extra("train"):
+        return EXIT_USAGE
     from cxr_worker.training.train import TrainConfig, run
 
     run(TrainConfig(
@@ -223,12 +246,82 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if _missing_train_extra("evaluate"):
+        return EXIT_USAGE
     from cxr_worker.training.evaluate import evaluate
 
     s = _settings(args)
     result = evaluate(Path(args.data), Path(args.out) if args.out else None,
                       s.model.path or None, s.model.threshold, shifts=args.shifts)
     _print_json(result) if args.json else print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from cxr_worker import calibrate
+    from cxr_worker.errors import CalibrationError
+    from cxr_worker.service import existing_worklist, gate_config, load_scorer
+
+    s = _settings(args)
+    engine = open_worklist(s) if args.apply else existing_worklist(s)
+    scorer = load_scorer(s, engine)
+    try:
+        rep = calibrate.calibrate(Path(args.data), scorer, gate_config(s),
+                                  args.target_sensitivity)
+    except CalibrationError as exc:
+        print(f"calibrate: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.apply:
+        row = calibrate.apply(engine, rep)
+        from cxr_worker.worklist import site
+
+        rep["applied"] = {"id": row.id, "description": site.describe(row),
+                          "created_at": row.created_at.isoformat()}
+    if args.json:
+        _print_json(rep)
+        return EXIT_OK
+    n = rep["n"]
+    print(f"{rep['data']}: {n['NORMAL']} NORMAL, {n['PNEUMONIA']} PNEUMONIA scored; "
+          f"{n['refused']} refused by the gate; {n['skipped_not_images']} non-image files "
+          f"skipped; AUC {rep['auc']:.3f}")
+    for r in rep["refused"]:
+        print(f"  refused: {r['path']}: {r['reason']}")
+    lo, hi = rep["threshold_ci95"]
+    print(f"site threshold for sensitivity >= {rep['target_sensitivity']:.2f}: "
+          f"{rep['threshold']:.4f} (bootstrap 95% CI {lo:.4f}-{hi:.4f})")
+    for title, key in (("at the site threshold", "at_site_threshold"),
+                       ("at the model card's threshold", "at_model_threshold")):
+        op = rep[key]
+        print(f"  {title} {op['threshold']:.4f}: sensitivity {op['sensitivity']:.3f} "
+              f"({op['sensitivity_ci95'][0]:.3f}-{op['sensitivity_ci95'][1]:.3f}), "
+              f"specificity {op['specificity']:.3f} ({op['specificity_ci95'][0]:.3f}-"
+              f"{op['specificity_ci95'][1]:.3f}), positive rate {op['positive_rate']:.2f}")
+    if args.apply:
+        print(f"applied: {rep['threshold']:.2f} ({rep['applied']['description']}); the service "
+              "uses it from its next start, score and replay at once")
+    else:
+        print("not applied (use --apply to record it as this site's threshold)")
+    return EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from cxr_worker import stats
+    from cxr_worker.model import card as model_card
+    from cxr_worker.score import SHIPPED_MODEL_DIR
+    from cxr_worker.worklist import site
+
+    s = _settings(args)
+    since = _parse_since(args.since) if args.since else None
+    if args.since and since is None:
+        return EXIT_USAGE
+    card = model_card.load_card(s.model.path or SHIPPED_MODEL_DIR)
+    engine = open_worklist(s)
+    site_row = site.latest(engine, card["model_version"]) if s.model.threshold is None else None
+    st = stats.compute(engine, card, card["model_version"], since, site_row)
+    if args.json:
+        _print_json(st)
+    else:
+        print("\n".join(stats.render(st)))
     return EXIT_OK
 
 
@@ -312,6 +405,31 @@ def _add_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     sp.add_argument("--max-images", type=int, help="train on a stratified subset (smoke runs)")
     sp.add_argument("--steps-per-epoch", type=int, help="cap batches per epoch (smoke runs)")
     sp.set_defaults(func=cmd_train)
+
+    sp = sub.add_parser(
+        "calibrate", parents=[common],
+        help="choose this site's threshold on its own labelled images",
+        description="Score the site's labelled images through the service's own path (gate "
+        "included) and choose the most specific threshold that keeps the target sensitivity. "
+        "Needs at least 50 scored images of each class. Exit 0 on success, 1 when the data "
+        "cannot give a threshold, 2 on usage errors.")
+    sp.add_argument("--data", required=True, metavar="DIR|CSV",
+                    help="folder with NORMAL/ and PNEUMONIA/ (DICOM, PNG or JPEG), or a CSV of "
+                    "path,label (label NORMAL/PNEUMONIA or 0/1; paths relative to the CSV)")
+    sp.add_argument("--target-sensitivity", type=float, default=0.98,
+                    help="sensitivity the threshold must keep on the site's pneumonias "
+                    "(default: %(default)s)")
+    sp.add_argument("--apply", action="store_true",
+                    help="record the threshold in the worklist database as the site's")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_calibrate)
+
+    sp = sub.add_parser("stats", parents=[common],
+                        help="statuses, positive rate and score histogram (drift check)")
+    sp.add_argument("--since", metavar="TIME",
+                    help="only images received since this ISO time (UTC unless it names a zone)")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_stats)
 
     sp = sub.add_parser("evaluate", parents=[common],
                         help="metrics and plots of the model on a NORMAL/PNEUMONIA folder")

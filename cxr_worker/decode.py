@@ -1,7 +1,7 @@
 """Pixel data to the model's input: pure functions, each step testable alone.
 
-``stored values -> Modality LUT -> VOI (window or LUT) -> inversion -> padding -> [0, 255]
--> cxr_worker.model.preprocess.to_model_input``
+``stored values -> Modality LUT -> VOI (window or LUT) -> inversion -> padding -> [0, 255]``;
+the scorer then applies its model's preprocessing contract (``Scorer.prepare``).
 
 Decisions (see README "Decoding"):
 
@@ -37,7 +37,6 @@ from pydicom.pixels.utils import pixel_array
 from pydicom.uid import UID, JPEGLSLossless, JPEGLSNearLossless
 
 from cxr_worker.errors import CxrWorkerError, DecodeError, UnsupportedTransferSyntaxError
-from cxr_worker.model.preprocess import to_model_input
 
 logger = logging.getLogger(__name__)
 
@@ -376,9 +375,3 @@ def display_image(ds: Dataset) -> FloatImage:
     if not np.isfinite(shown).all():
         raise DecodeError("pixel values are not finite after the LUTs")
     return shown * 255.0
-
-
-@_decode_errors
-def model_input(ds: Dataset) -> NDArray[np.float32]:
-    """Dataset -> (224, 224, 3) float32, through the model's preprocessing contract."""
-    return to_model_input(display_image(ds))

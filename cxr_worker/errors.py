@@ -3,6 +3,7 @@
     CxrWorkerError
     ├── ConfigError            invalid settings; start-up stops with the key named
     ├── ModelIntegrityError    model file missing, or its sha256 differs from the model card
+    ├── CalibrationError       a site's labelled images cannot give a threshold (too few, bad list)
     ├── NotScoredError         an image that is kept but not scored; ``reason`` is recorded
     │   ├── OutOfScopeError    the gate refused it (``rule`` names the rule)
     │   ├── DecodeError        its pixels cannot be turned into model input
@@ -31,6 +32,10 @@ class ModelIntegrityError(CxrWorkerError):
     """The model or its card cannot be trusted."""
 
 
+class CalibrationError(CxrWorkerError):
+    """``calibrate``: the labelled data cannot give a threshold; the message says what to add."""
+
+
 class NotScoredError(CxrWorkerError):
     """An image the worker keeps but does not score. ``reason`` is what the worklist shows."""
 
@@ -40,11 +45,16 @@ class NotScoredError(CxrWorkerError):
 
 
 class OutOfScopeError(NotScoredError):
-    """The input gate refused the image; ``rule`` is the rule's name (e.g. ``view_position``)."""
+    """The input gate refused the image; ``rule`` is the rule's name (e.g. ``view_position``).
 
-    def __init__(self, rule: str, detail: str) -> None:
+    ``population`` is set when the refusal is about it (rule ``patient_age``): ``outside``
+    or ``unknown``, recorded in the worklist like a scored image's.
+    """
+
+    def __init__(self, rule: str, detail: str, population: str | None = None) -> None:
         super().__init__(f"out of scope ({rule}): {detail}")
         self.rule = rule
+        self.population = population
 
 
 class DecodeError(NotScoredError):

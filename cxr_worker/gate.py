@@ -10,18 +10,25 @@ Rules, in order (each configurable in ``[gate]``/``[listener]``; see README "The
 - ``body_part``: CHEST (absent allowed by default);
 - ``view_position``: PA or AP (laterals and others refused; absent allowed by default);
 - ``presentation_intent``: FOR PROCESSING refused unless allowed;
-- ``patient_age``: outside the validated 1-5 years: scored and flagged by default, refused
-  when ``gate.refuse_outside_age_range``.
+- ``patient_age``: every image that passes gets a population (:class:`GateResult`):
+  ``in_population`` (age within ``gate.min_age_years``-``gate.max_age_years``, the validated
+  1-5 years), ``outside`` (OUTSIDE VALIDATED POPULATION) or ``unknown`` (POPULATION UNKNOWN:
+  no usable age, see :func:`patient_age_years`). No usable age is never taken as "in
+  population". By default outside and unknown images are scored and labelled as such;
+  ``gate.refuse_outside_age_range`` refuses ``outside``, ``gate.refuse_unknown_age`` refuses
+  ``unknown`` (rule ``patient_age``).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
 from cxr_worker.errors import OutOfScopeError
+from cxr_worker.labels import Population
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -42,24 +49,138 @@ class GateConfig:
     uid_prefix: str
     manufacturer: str
     series_number: int
+    refuse_unknown_age: bool = False
 
 
 @dataclass(frozen=True)
 class GateResult:
-    outside_population: bool
-    note: str | None = None
+    """What the gate found about an image it lets through.
+
+    ``population`` is shown beside the label everywhere; ``population_text`` is the line a
+    person reads, e.g. "OUTSIDE VALIDATED POPULATION (age 81 years; validated 1-5 years)".
+    """
+
+    population: Population
+    population_text: str
+    age_years: float | None = None
+
+    @property
+    def outside_population(self) -> bool:
+        return self.population == Population.OUTSIDE
+
+    @property
+    def note(self) -> str | None:
+        """The population line when it is a warning (outside or unknown), else None."""
+        return None if self.population == Population.IN else self.population_text
 
 
-_AGE_RE = re.compile(r"^(\d{3})([DWMY])$")
-_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+# -- patient age --------------------------------------------------------------------------
+# AS as written in the wild: 003Y, 3Y, 81 (no unit: years), 036M, 010W, 020D; any case,
+# surrounding spaces
+_AGE_RE = re.compile(r"^(\d{1,3})([DWMY]?)$")
+_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0, "": 1.0}
+_DA_RE = re.compile(r"^(\d{4})(\d{2})(\d{2})$")
+MAX_PLAUSIBLE_AGE_YEARS = 130.0
 
 
-def age_years(value: str) -> float | None:
-    """Patient Age (AS, e.g. ``004Y``, ``018M``) in years, or None when absent or malformed."""
-    m = _AGE_RE.match(value.strip())
+def age_years(value: str | None) -> float | None:
+    """Patient Age (AS) in years, or None when blank or unparseable.
+
+    Accepted: 1-3 digits and an optional unit D/W/M/Y, upper or lower case, surrounding
+    spaces ignored (``003Y``, ``3Y``, ``3y``, `` 036M ``, ``010W``, ``020D``); a bare number
+    (``81``) is years. Anything else (``4.5Y``, ``-3Y``, ``3 Y``, ``004X``, ``999Y`` and other
+    ages over 130 years) is None: unknown, never guessed.
+    """
+    m = _AGE_RE.match(str(value or "").strip().upper())
     if not m:
         return None
-    return int(m.group(1)) * _AGE_UNIT_YEARS[m.group(2)]
+    years = int(m.group(1)) * _AGE_UNIT_YEARS[m.group(2)]
+    return years if years <= MAX_PLAUSIBLE_AGE_YEARS else None
+
+
+def parse_da(value: object) -> dt.date | None:
+    """A DICOM DA (``YYYYMMDD``) as a date, or None when blank or not a valid date."""
+    if isinstance(value, dt.date):
+        return value
+    m = _DA_RE.match(str(value or "").strip())
+    if not m:
+        return None
+    try:
+        return dt.date(int(m.group(1)), int(m.group(2)), int(m.group(3)))
+    except ValueError:  # 20230230, month 13, ...
+        return None
+
+
+def _birthday(birth: dt.date, year: int) -> dt.date:
+    try:
+        return birth.replace(year=year)
+    except ValueError:  # born on 29 February: 1 March in common years
+        return dt.date(year, 3, 1)
+
+
+def years_between(birth: dt.date, on: dt.date) -> float | None:
+    """Age in years on ``on``: completed years plus the elapsed fraction of the current one
+    (so the first birthday is exactly 1.0); None when ``birth`` is after ``on``."""
+    if birth > on:
+        return None
+    years = on.year - birth.year
+    if _birthday(birth, on.year) > on:
+        years -= 1
+    last, following = _birthday(birth, birth.year + years), _birthday(birth, birth.year + years + 1)
+    return years + (on - last).days / (following - last).days
+
+
+def patient_age_years(ds: Dataset) -> float | None:
+    """The patient's age in years at the time of the image, or None (population unknown).
+
+    Decisions:
+
+    - Patient Age (0010,1010) first, when :func:`age_years` can read it (AS in every form
+      seen in the wild; a bare number is years; blank or unreadable is "no usable age");
+    - else Patient's Birth Date (0010,0030) against Study Date (0008,0020), or Acquisition
+      Date (0008,0022) when the Study Date is absent or invalid; dates must be valid
+      ``YYYYMMDD`` (anything else is absent);
+    - a birth date after that date is an error in the header: None, no other date is tried;
+    - an age over 130 years is implausible: None.
+    """
+    years = age_years(str(ds.get("PatientAge", "") or ""))
+    if years is not None:
+        return years
+    birth = parse_da(ds.get("PatientBirthDate", ""))
+    if birth is None:
+        return None
+    on = parse_da(ds.get("StudyDate", "")) or parse_da(ds.get("AcquisitionDate", ""))
+    if on is None:
+        return None
+    years = years_between(birth, on)
+    return years if years is not None and years <= MAX_PLAUSIBLE_AGE_YEARS else None
+
+
+def describe_age(years: float) -> str:
+    """``81 years``, ``5.5 years``, ``6 months``, ``20 days`` (for the population line)."""
+    if years >= 1:
+        whole = round(years)
+        if abs(years - whole) < 1e-9:
+            return f"{whole} year{'s' if whole != 1 else ''}"
+        return f"{years:.1f} years"
+    months = int(years * 12 + 1e-9)
+    if months >= 1:
+        return f"{months} month{'s' if months != 1 else ''}"
+    days = round(years * 365.25)
+    return f"{days} day{'s' if days != 1 else ''}"
+
+
+def assess_population(ds: Dataset, cfg: GateConfig) -> GateResult:
+    """The image's population and the line a person reads about it (no refusal here)."""
+    age = patient_age_years(ds)
+    validated = f"validated {cfg.min_age_years:g}-{cfg.max_age_years:g} years"
+    if age is None:
+        return GateResult(Population.UNKNOWN,
+                          f"{Population.UNKNOWN.text} (no usable patient age; {validated})")
+    population = (Population.IN if cfg.min_age_years <= age <= cfg.max_age_years
+                  else Population.OUTSIDE)
+    return GateResult(population, f"{population.text} (age {describe_age(age)}; {validated})",
+                      age)
 
 
 def check(ds: Dataset, cfg: GateConfig) -> GateResult:
@@ -104,12 +225,15 @@ def check(ds: Dataset, cfg: GateConfig) -> GateResult:
     if intent == "FOR PROCESSING" and not cfg.accept_dx_for_processing:
         raise OutOfScopeError("presentation_intent", "FOR PROCESSING image (raw detector data)")
 
-    age = age_years(str(ds.get("PatientAge", "") or ""))
-    outside = age is not None and not cfg.min_age_years <= age <= cfg.max_age_years
-    if outside and cfg.refuse_outside_age_range:
-        raise OutOfScopeError(
-            "patient_age",
-            f"age outside the validated {cfg.min_age_years:g}-{cfg.max_age_years:g} years")
-    note = (f"outside validated population (age {cfg.min_age_years:g}-"
-            f"{cfg.max_age_years:g} years)") if outside else None
-    return GateResult(outside_population=outside, note=note)
+    result = assess_population(ds, cfg)
+    if result.population == Population.OUTSIDE and cfg.refuse_outside_age_range:
+        raise _age_refusal(f"{result.population_text}; refused by gate.refuse_outside_age_range",
+                           result.population)
+    if result.population == Population.UNKNOWN and cfg.refuse_unknown_age:
+        raise _age_refusal(f"{result.population_text}; refused by gate.refuse_unknown_age",
+                           result.population)
+    return result
+
+
+def _age_refusal(detail: str, population: Population) -> OutOfScopeError:
+    return OutOfScopeError("patient_age", detail, population=str(population))

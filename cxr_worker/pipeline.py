@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom import dcmread
@@ -24,9 +25,14 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import Engine
 
 from cxr_worker import decode, gate, report, send
-from cxr_worker.errors import DecodeError, NotScoredError, QuarantinedError, SendError
-from cxr_worker.model.preprocess import to_model_input
-from cxr_worker.score import Scorer
+from cxr_worker.errors import (
+    DecodeError,
+    NotScoredError,
+    OutOfScopeError,
+    QuarantinedError,
+    SendError,
+)
+from cxr_worker.score import Score, Scorer
 from cxr_worker.spool import Spool, atomic_write
 from cxr_worker.worklist import queue
 
@@ -76,8 +82,10 @@ class Pipeline:
         except NotScoredError as exc:
             logger.info("not scored %s: %s", job.sop_instance_uid, exc.reason)
             # the row follows a quarantined file, so replay and retention still find it
-            moved = {"spool_path": str(exc.path)} if isinstance(exc, QuarantinedError) else {}
-            queue.mark_not_scored(self.engine, job, self.owner, exc.reason, **moved)
+            extra = {"spool_path": str(exc.path)} if isinstance(exc, QuarantinedError) else {}
+            if isinstance(exc, OutOfScopeError) and exc.population:  # refused for its age
+                extra["population"] = exc.population
+            queue.mark_not_scored(self.engine, job, self.owner, exc.reason, **extra)
         except Exception as exc:
             logger.exception("processing %s failed", job.sop_instance_uid)
             queue.mark_attempt_failed(self.engine, job, self.owner, "process",
@@ -99,22 +107,24 @@ class Pipeline:
         gate_result = gate.check(ds, self.gate_cfg)
         try:
             display = decode.display_image(ds)
-            x = to_model_input(display)
+            x = self.scorer.prepare(display)
         except DecodeError as exc:
             raise self._quarantine(job, exc.reason) from exc
         score = self.scorer.score(x)
         sc = report.build_secondary_capture(
             ds, display, probability=score.probability, label=score.label,
             threshold=score.threshold, model_version=score.model_version, cfg=self.report_cfg,
-            note=gate_result.note)
+            population=gate_result.population, population_text=gate_result.population_text,
+            threshold_source=score.threshold_source)
         result_path = self.spool.result_path(job.study_instance_uid, job.sop_instance_uid)
         atomic_write(result_path, lambda f: sc.save_as(f, enforce_file_format=True))
         queue.mark_scored(
             self.engine, job, self.owner, hold=self.hold_results,
             probability=score.probability, label=score.label, threshold=score.threshold,
-            model_version=score.model_version, outside_population=gate_result.outside_population,
+            model_version=score.model_version, population=str(gate_result.population),
             result_path=str(result_path), result_sop_instance_uid=str(sc.SOPInstanceUID))
-        logger.info("scored %s: %s p=%.3f", job.sop_instance_uid, score.label, score.probability)
+        logger.info("scored %s: %s p=%.3f (%s)", job.sop_instance_uid, score.label,
+                    score.probability, gate_result.population)
 
     # -- sending ------------------------------------------------------------------------
     def send_next(self) -> bool:
@@ -150,3 +160,36 @@ class Pipeline:
                 break
             done += 1
         return done
+
+
+# -- the one scoring path outside the queue (score, calibrate) -------------------------------
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """What the service would conclude for one file: the gate's verdict and the score."""
+
+    score: Score
+    gate: gate.GateResult | None  # None for PNG/JPEG input (no header to check)
+
+
+def assess_file(path: Path, scorer: Scorer, gate_cfg: gate.GateConfig) -> Assessment:
+    """Read, gate, decode, prepare and score one DICOM, PNG or JPEG file as the service does,
+    without the queue or its side effects (nothing is quarantined or recorded).
+
+    Raises :class:`NotScoredError` (the gate's :class:`OutOfScopeError` with its rule, or a
+    :class:`DecodeError`) for an image the service would not score, ``OSError`` when the file
+    cannot be read.
+    """
+    if path.suffix.lower() in IMAGE_SUFFIXES:
+        from cxr_worker.model.preprocess import load_grey_image
+
+        try:
+            grey = load_grey_image(path)
+        except OSError as exc:  # Pillow: not an image it can read
+            raise NotScoredError(f"unreadable image: {exc}") from exc
+        return Assessment(scorer.score_grey(grey), None)
+    ds = decode.read_file(path)
+    verdict = gate.check(ds, gate_cfg)
+    return Assessment(scorer.score_grey(decode.display_image(ds)), verdict)

@@ -85,7 +85,8 @@ def _describe(engine: Engine, ids: list[int]) -> list[dict[str, Any]]:
             out.append({
                 "sop_instance_uid": r.sop_instance_uid,
                 "study_instance_uid": r.study_instance_uid,
-                "status": status, "label": r.label, "probability": r.probability,
+                "status": status, "label": r.label, "population": r.population,
+                "probability": r.probability,
                 "model_version": r.model_version,
                 "result_sop_instance_uid": r.result_sop_instance_uid, "reason": r.reason,
             })
@@ -121,7 +122,7 @@ def run(s: Settings, *, paths: list[Path], study: str | None, since: dt.datetime
         ids.extend(selected)
     if not ids:
         return errors
-    pipeline = build_pipeline(s, load_scorer(s), migrate=False, hold_results=not send,
+    pipeline = build_pipeline(s, load_scorer(s, engine), engine, hold_results=not send,
                               only_ids=set(ids))
     pipeline.drain(max_jobs=2 * len(ids) + 10)
     return errors + _describe(engine, ids)

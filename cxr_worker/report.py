@@ -6,8 +6,10 @@
   replay replaces the earlier result instead of adding one;
 - Source Image Sequence (purpose 121322 "Source image for image processing operation"),
   Referenced Image Sequence, Derivation Description;
-- a banner above a downscaled copy of the radiograph: the result, probability, threshold,
-  model version and "NOT FOR DIAGNOSTIC USE"; Burned In Annotation YES; the same words in
+- a banner above a downscaled copy of the radiograph: the result and the population (in
+  population / OUTSIDE VALIDATED POPULATION / POPULATION UNKNOWN, as large as the result, on
+  an amber strip when not in population), probability and threshold (two decimals), model
+  version and "NOT FOR DIAGNOSTIC USE"; Burned In Annotation YES; the same words in
   Image Comments; the worker as Manufacturer / Model Name / Software Versions;
 - Patient and Study modules (and Specific Character Set) copied from the source.
 """
@@ -25,7 +27,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from cxr_worker import __version__
-from cxr_worker.labels import Label
+from cxr_worker.labels import Label, Population, format_probability, format_threshold
 
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 MAX_SIDE = 1024
@@ -50,21 +52,47 @@ def result_series_instance_uid(prefix: str, study_uid: str, model_version: str) 
     return str(generate_uid(prefix, entropy_srcs=[study_uid, model_version, "series"]))
 
 
-def banner_lines(label: str, probability: float, threshold: float, model_version: str,
-                 note: str | None = None) -> list[str]:
-    lines = [
+def banner_lines(label: str, population_text: str, probability: float, threshold: float,
+                 model_version: str, *, threshold_source: str = "model card") -> list[str]:
+    """The banner, top to bottom: the label and the population (the two headline lines, as
+    large as each other), probability and threshold (two decimals, never 1.00 or 0.00) with
+    where the threshold comes from (model card, site calibration, settings), model, the
+    disclaimer."""
+    return [
         label,
-        f"probability {probability:.3f} (threshold {threshold:.3f})",
+        population_text,
+        f"probability {format_probability(probability)} "
+        f"(threshold {format_threshold(threshold)}, {threshold_source})",
         f"model {model_version}",
+        f"AI TRIAGE - {NOT_FOR_DIAGNOSTIC_USE}",
     ]
-    if note:
-        lines.append(note.upper())
-    lines.append(f"AI TRIAGE - {NOT_FOR_DIAGNOSTIC_USE}")
-    return lines
 
 
-def render(display: NDArray[np.floating], lines: list[str], suspected: bool) -> NDArray[np.uint8]:
-    """RGB image: the banner above the radiograph downscaled to at most 1024 px a side."""
+HEADLINES = 2  # label and population: the large lines
+SUSPECTED_COLOUR = (170, 20, 20)
+NEGATIVE_COLOUR = (20, 90, 40)
+POPULATION_WARNING_COLOUR = (255, 200, 0)  # amber strip, black text: outside / unknown
+
+
+def _fitting_font(draw: ImageDraw.ImageDraw, text: str, size: int,
+                  max_width: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """The default font at ``size``, smaller only if ``text`` would not fit ``max_width``."""
+    while True:
+        font = ImageFont.load_default(size=size)
+        if size <= 10 or draw.textlength(text, font=font) <= max_width:
+            return font
+        size -= 1
+
+
+def render(display: NDArray[np.floating], lines: list[str], suspected: bool,
+           population_warning: bool = False) -> NDArray[np.uint8]:
+    """RGB image: the banner above the radiograph downscaled to at most 1024 px a side.
+
+    The first two lines (label, population) are drawn large; a population line too wide for
+    the banner keeps its words ("OUTSIDE VALIDATED POPULATION") large and puts its details in
+    parentheses on the next line. It sits on an amber strip in black when
+    ``population_warning`` (outside or unknown population), apart from the red/green result.
+    """
     h, w = display.shape
     scale = min(1.0, MAX_SIDE / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -72,16 +100,35 @@ def render(display: NDArray[np.floating], lines: list[str], suspected: bool) -> 
     grey = grey.resize(size, Image.Resampling.BILINEAR).convert("L")
     width = max(size[0], 512)
     font_size = max(14, width // 36)
-    font = ImageFont.load_default(size=font_size)
-    line_h = int(font_size * 1.35)
-    banner_h = line_h * len(lines) + font_size
-    canvas = Image.new("RGB", (width, size[1] + banner_h), (0, 0, 0))
-    colour = (170, 20, 20) if suspected else (20, 90, 40)
-    draw = ImageDraw.Draw(canvas)
-    draw.rectangle([0, 0, width, banner_h - 1], fill=colour)
+    big_size = round(font_size * 1.4)
+    pad = font_size // 2
+    canvas = Image.new("RGB", (width, 1), (0, 0, 0))
+    measure = ImageDraw.Draw(canvas)
+    rows: list[tuple[str, int, bool]] = []  # text, font size, on the population strip
     for i, text in enumerate(lines):
-        draw.text((font_size // 2, font_size // 2 + i * line_h), text, fill=(255, 255, 255),
-                  font=font)
+        big = i < HEADLINES
+        head, sep, detail = text.partition(" (")
+        too_wide = measure.textlength(
+            text, font=ImageFont.load_default(size=big_size)) > width - 2 * pad
+        if i == 1 and too_wide and sep:
+            rows += [(head, big_size, True), (f"({detail}", font_size, True)]
+        else:
+            rows.append((text, big_size if big else font_size, i == 1))
+    heights = [int(sz * 1.35) for _, sz, _ in rows]
+    banner_h = sum(heights) + 2 * pad
+    canvas = Image.new("RGB", (width, size[1] + banner_h), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.rectangle([0, 0, width, banner_h - 1],
+                   fill=SUSPECTED_COLOUR if suspected else NEGATIVE_COLOUR)
+    y = pad
+    for (text, sz, strip), lh in zip(rows, heights, strict=True):
+        ink = (255, 255, 255)
+        if strip and population_warning:
+            draw.rectangle([0, y - pad // 4, width, y + lh - pad // 4],
+                           fill=POPULATION_WARNING_COLOUR)
+            ink = (0, 0, 0)
+        draw.text((pad, y), text, fill=ink, font=_fitting_font(draw, text, sz, width - 2 * pad))
+        y += lh
     canvas.paste(grey.convert("RGB"), ((width - size[0]) // 2, banner_h))
     return np.asarray(canvas, dtype=np.uint8)
 
@@ -108,15 +155,25 @@ def build_secondary_capture(
     threshold: float,
     model_version: str,
     cfg: ReportConfig,
-    note: str | None = None,
+    population: str,
+    population_text: str,
+    threshold_source: str = "model card",
 ) -> hd.sc.SCImage:
-    """The Secondary Capture for one scored source image; valid when this returns."""
+    """The Secondary Capture for one scored source image; valid when this returns.
+
+    ``population`` (:class:`~cxr_worker.labels.Population`) and ``population_text`` (the
+    gate's line, e.g. "OUTSIDE VALIDATED POPULATION (age 81 years; validated 1-5 years)")
+    are shown as large as the label.
+    """
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"probability {probability} outside [0, 1]")
     if label not in (Label.SUSPECTED, Label.NEGATIVE):
         raise ValueError(f"unknown label {label!r}")
-    lines = banner_lines(label, probability, threshold, model_version, note)
-    pixels = render(display, lines, label == Label.SUSPECTED)
+    population = Population(population)
+    lines = banner_lines(label, population_text, probability, threshold, model_version,
+                         threshold_source=threshold_source)
+    pixels = render(display, lines, label == Label.SUSPECTED,
+                    population_warning=population != Population.IN)
     orientation = tuple(str(v) for v in source.get("PatientOrientation", []) or []) or ("L", "F")
     if len(orientation) != 2:
         orientation = ("L", "F")
@@ -150,7 +207,8 @@ def build_secondary_capture(
     sc.ImageComments = " / ".join(lines)[:10240]
     sc.DerivationDescription = (
         f"Pneumonia triage by {MODEL_NAME}, model {model_version}: {label}, "
-        f"probability {probability:.3f}, threshold {threshold:.3f}. {NOT_FOR_DIAGNOSTIC_USE}."
+        f"{population_text}, probability {format_probability(probability)}, "
+        f"threshold {format_threshold(threshold)}. {NOT_FOR_DIAGNOSTIC_USE}."
     )[:1024]
     # Only chest images are scored (the gate); naming the body part also settles General
     # Series Laterality (Type 2C, required for paired body parts only)

@@ -13,15 +13,18 @@ import logging
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
+
+from sqlalchemy import Engine, make_url
 
 from cxr_worker import gate, receive, report, send
 from cxr_worker.jobs import Jobs
 from cxr_worker.pipeline import Pipeline
-from cxr_worker.score import Scorer
+from cxr_worker.score import Scorer, ThresholdChoice
 from cxr_worker.settings import Settings
 from cxr_worker.spool import Spool
-from cxr_worker.worklist import queue, schema
+from cxr_worker.worklist import queue, schema, site
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ def gate_config(s: Settings) -> gate.GateConfig:
         min_age_years=s.gate.min_age_years,
         max_age_years=s.gate.max_age_years,
         refuse_outside_age_range=s.gate.refuse_outside_age_range,
+        refuse_unknown_age=s.gate.refuse_unknown_age,
         uid_prefix=s.report.uid_prefix,
         manufacturer=s.report.manufacturer,
         series_number=s.report.series_number,
@@ -54,13 +58,29 @@ def pacs_peer(s: Settings) -> send.Peer | None:
                      s.pacs.timeout_seconds)
 
 
-def load_scorer(s: Settings) -> Scorer:
-    return Scorer(s.model.path or None, s.model.threshold, s.model.num_threads)
+def load_scorer(s: Settings, engine: Engine | None = None) -> Scorer:
+    """The model, with the threshold in force: ``[model] threshold`` if set, else the site
+    threshold recorded by ``calibrate --apply`` for this model version (looked up in
+    ``engine``'s worklist), else the model card's."""
+    scorer = Scorer(s.model.path or None, s.model.threshold, s.model.num_threads)
+    if s.model.threshold is None and engine is not None:
+        row = site.latest(engine, scorer.model_version)
+        if row is not None:
+            scorer.use_threshold(ThresholdChoice(row.threshold, site.describe(row)))
+    return scorer
 
 
-def build_pipeline(s: Settings, scorer: Scorer, migrate: bool = True, *,
+def existing_worklist(s: Settings) -> Engine | None:
+    """The worklist's engine if it exists already (one-shot commands never create one)."""
+    url = make_url(s.database_url)
+    if url.get_backend_name() == "sqlite" and (
+            not url.database or url.database == ":memory:" or not Path(url.database).is_file()):
+        return None
+    return schema.open_database(s.database_url)
+
+
+def build_pipeline(s: Settings, scorer: Scorer, engine: Engine, *,
                    hold_results: bool = False, only_ids: set[int] | None = None) -> Pipeline:
-    engine = schema.open_database(s.database_url, migrate=migrate)
     retry = queue.RetryPolicy(s.jobs.lease_seconds, s.jobs.max_attempts,
                               s.jobs.retry_base_seconds, s.jobs.retry_max_seconds)
     return Pipeline(engine=engine, spool=Spool(s.data_dir), scorer=scorer,
@@ -89,9 +109,10 @@ def serve(s: Settings, migrate: bool = True) -> int:
     t0 = time.monotonic()
     raise_mmap_threshold()
     s.data_dir.mkdir(parents=True, exist_ok=True)
-    scorer = load_scorer(s)
+    engine = schema.open_database(s.database_url, migrate=migrate)
+    scorer = load_scorer(s, engine)
     warm = scorer.warm_up()
-    pipeline = build_pipeline(s, scorer, migrate)
+    pipeline = build_pipeline(s, scorer, engine)
     jobs = Jobs(pipeline, s.jobs.poll_seconds, s.storage.retention_days,
                 s.jobs.retention_interval_seconds)
     jobs.start()
@@ -105,9 +126,9 @@ def serve(s: Settings, migrate: bool = True) -> int:
     assert server is not None  # block=False returns the running server
     host, port = server.server_address[:2]
     logger.info(
-        "listening as %s on %s:%d; model %s (threshold %.4f, warm-up %.0f ms); PACS %s; "
+        "listening as %s on %s:%d; model %s (threshold %s, warm-up %.0f ms); PACS %s; "
         "ready in %.1f s", s.listener.ae_title, host, port, scorer.model_version,
-        scorer.threshold, warm * 1000,
+        scorer.describe_threshold(), warm * 1000,
         f"{s.pacs.ae_title}@{s.pacs.host}:{s.pacs.port}" if s.pacs_configured else
         "not configured (results stay in the worklist)", time.monotonic() - t0)
     print(f"cxr-worker ready: {s.listener.ae_title}@{host}:{port}", flush=True)

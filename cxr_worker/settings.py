@@ -66,7 +66,10 @@ class Gate:
     allow_missing_view_position: bool = True
     min_age_years: float = 1.0
     max_age_years: float = 5.0
-    refuse_outside_age_range: bool = False  # default: score, mark "outside validated population"
+    # the validated population is min_age_years-max_age_years (paediatric 1-5); every scored
+    # image is labelled in population / OUTSIDE VALIDATED POPULATION / POPULATION UNKNOWN
+    refuse_outside_age_range: bool = False  # true: refuse "outside" (rule patient_age)
+    refuse_unknown_age: bool = False  # true: refuse images without a usable patient age
 
 
 @dataclass

@@ -22,11 +22,13 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
-KERMANY = SHARED / "data" / "kermany224" / "train"
-NIH = SHARED / "data" / "nih-dicom"
-WEIGHTS_050 = (SHARED / "weights"
-               / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5")
+# Committed test data (tests/data/README.md; made by sample_dicom/make_test_data.py): the tests
+# need nothing outside the repository.
+TEST_DATA = Path(__file__).resolve().parent / "data"
+KERMANY = TEST_DATA / "kermany_val"  # 60 held-out validation images per class
+KERMANY_PER_CLASS = 60
+NIH = TEST_DATA / "nih"
+BACKBONE_WEIGHTS_NAME = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.5_224_no_top.h5"
 SAMPLES = REPO / "sample_dicom"
 sys.path.insert(0, str(SAMPLES))
 
@@ -285,7 +287,38 @@ def reread(ds: Any) -> Any:
 
 
 def kermany_files(cls: str, n: int, offset: int = 0) -> list[Path]:
+    """``n`` images of class ``cls`` from tests/data/kermany_val, in file-name order."""
+    if offset + n > KERMANY_PER_CLASS:
+        raise ValueError(f"tests/data/kermany_val has {KERMANY_PER_CLASS} images per class, "
+                         f"asked for {n} from {offset}")
     return sorted((KERMANY / cls).iterdir())[offset : offset + n]
+
+
+@pytest.fixture(scope="session")
+def backbone_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A MobileNetV2 (alpha 0.5) "no_top" weights file with random weights, written in the
+    legacy Keras HDF5 layout of the ImageNet file (same layer and weight names), so training
+    tests go through the real loading path (``keras.applications.MobileNetV2(weights=PATH)``)
+    without the 3 MB ImageNet file. Keras 3's ``save_weights`` only writes its own
+    ``.weights.h5`` layout, hence h5py."""
+    import h5py
+    import keras
+
+    model = keras.applications.MobileNetV2(alpha=0.5, include_top=False, weights=None,
+                                           input_shape=(224, 224, 3))
+    path = tmp_path_factory.mktemp("weights") / BACKBONE_WEIGHTS_NAME
+    with h5py.File(path, "w") as f:
+        f.attrs["backend"] = keras.backend.backend().encode()
+        f.attrs["keras_version"] = keras.__version__.encode()
+        f.attrs["layer_names"] = [layer.name.encode() for layer in model.layers]
+        for layer in model.layers:
+            group = f.create_group(layer.name)
+            weights = layer.trainable_weights + layer.non_trainable_weights
+            names = [f"{layer.name}/{w.name}:0" for w in weights]
+            group.attrs["weight_names"] = [n.encode() for n in names]
+            for name, w in zip(names, weights, strict=True):
+                group.create_dataset(name, data=keras.ops.convert_to_numpy(w))
+    return path
 
 
 @pytest.fixture

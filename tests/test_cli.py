@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -55,13 +56,38 @@ def test_score_json_dicom_png_and_refusals(env, tmp_path):
     assert not lateral["scored"] and lateral["rule"] == "view_position"
     assert from_png["scored"]
     assert not bad["scored"] and "unreadable" in bad["reason"]
-    # all scored: exit 0
-    run(env, "score", str(inputs[0]))
+    assert ok["population"] == "in_population"  # the samples are 3 years old
+    assert from_png["population"] == "unknown"  # no header, no age
+    # all scored: exit 0; the text shows the population beside the label, two decimals
+    text = run(env, "score", str(inputs[0])).stdout
+    assert re.search(r": (SUSPECTED PNEUMONIA|NO PNEUMONIA DETECTED) \| IN VALIDATED "
+                     r"POPULATION \(age 3 years; validated 1-5 years\) \| "
+                     r"p=(0\.\d\d|> 0\.99|< 0\.01) \(threshold 0\.\d\d", text), text
+
+
+def test_score_labels_the_nih_adults_outside_population(env):
+    nih = Path(__file__).parent / "data" / "nih"
+    paths = [nih / f"test{i}.dcm" for i in (1, 2, 3)]
+    res = run(env, "score", "--json", *map(str, paths))
+    lines = [json.loads(x) for x in res.stdout.splitlines()]
+    assert [x["population"] for x in lines] == ["outside"] * 3
+    assert [x["population_text"].split(";")[0] for x in lines] == [
+        f"OUTSIDE VALIDATED POPULATION (age {age} years" for age in (81, 58, 77)]
+    text = run(env, "score", *map(str, paths)).stdout
+    assert text.count("| OUTSIDE VALIDATED POPULATION (age ") == 3, text
+    refused = run({**env, "CXR_WORKER__GATE__REFUSE_OUTSIDE_AGE_RANGE": "true"}, "score",
+                  "--json", str(paths[0]), rc=1)
+    row = json.loads(refused.stdout)
+    assert not row["scored"] and row["rule"] == "patient_age" and row["population"] == "outside"
 
 
 def test_db_upgrade_and_current(env):
-    assert "database at revision 0001" in run(env, "db", "upgrade").stdout
-    assert "revision 0001 (head 0001)" in run(env, "db", "current").stdout
+    from cxr_worker.worklist.schema import head_revision
+
+    head = head_revision()
+    assert head >= "0002"  # 0002: the population column
+    assert f"database at revision {head}" in run(env, "db", "upgrade").stdout
+    assert f"revision {head} (head {head})" in run(env, "db", "current").stdout
 
 
 def test_echo_without_pacs_is_a_usage_error_and_unreachable_pacs_fails(env):
@@ -101,8 +127,15 @@ def test_replay_files_then_study_with_stable_result_uids(env, tmp_path):
     wl = [json.loads(x) for x in run(env, "worklist", "--json").stdout.splitlines()]
     assert len(wl) == 3
     assert {r["status"] for r in wl} == {"held", "scored", "not_scored"}
+    assert {r["status"]: r["population"] for r in wl} == {
+        "held": "in_population", "scored": "in_population", "not_scored": "unknown"}
     table = run(env, "worklist").stdout
     assert "NOT SCORED" in table and "view_position" in table
+    assert table.splitlines()[0].startswith("RESULT                 POPULATION  ")
+    scored_lines = [x for x in table.splitlines()[1:] if "NOT SCORED" not in x]
+    assert len(scored_lines) == 2 and all(
+        re.search(r"(PNEUMONIA|DETECTED) +IN VALIDATED POPULATION +(0\.\d\d|> 0\.99|< 0\.01) ",
+                  x) for x in scored_lines), table
 
 
 def test_replay_needs_a_selection(env):

@@ -23,7 +23,7 @@ from make_samples import upsample, wrap
 
 from cxr_worker import decode, gate
 from cxr_worker.errors import CxrWorkerError
-from cxr_worker.model.preprocess import load_grey_image
+from cxr_worker.model.preprocess import load_grey_image, to_model_input
 
 GATE = gate.GateConfig(
     accept_dx_for_processing=False, require_body_part_chest=True, allow_missing_body_part=True,
@@ -70,7 +70,7 @@ def process(path: Path) -> None:
     model): read, gate, decode."""
     ds = decode.read_file(path)
     gate.check(ds, GATE)
-    decode.model_input(ds)
+    to_model_input(decode.display_image(ds))
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_the_unmutated_bases_decode(base: bytes, fuzz_dir: Path) -> None:
     path = fuzz_dir / "unmutated.dcm"
     path.write_bytes(base)
     process(path)  # no error: the fuzz starts from a valid file
-    x = decode.model_input(decode.read_file(path))
+    x = to_model_input(decode.display_image(decode.read_file(path)))
     assert x.shape == (224, 224, 3) and np.isfinite(x).all()
 
 

@@ -86,3 +86,45 @@ def test_roc_curve_endpoints():
     fpr, tpr, th = metrics.roc_curve([0, 1, 0, 1], [0.1, 0.9, 0.4, 0.6])
     assert (fpr[0], tpr[0]) == (0, 0) and math.isinf(th[0])
     assert (fpr[-1], tpr[-1]) == (1, 1)
+
+
+# -- shift-robust operating point, trade-off table, intervals -------------------------------
+def test_robust_threshold_is_the_lowest_per_condition_threshold():
+    y = [1, 1, 1, 1, 0, 0]
+    easy = [0.9, 0.8, 0.7, 0.6, 0.2, 0.1]
+    shifted = [0.9, 0.8, 0.7, 0.3, 0.2, 0.1]  # one pneumonia scores lower under the shift
+    th, binding = metrics.select_threshold_robust(y, {"validation": easy, "blur": shifted}, 1.0)
+    assert binding == "blur"
+    assert th == pytest.approx(metrics.select_threshold(y, shifted, 1.0)) == pytest.approx(0.25)
+    assert metrics.confusion(y, shifted, th).sensitivity == 1.0
+    assert metrics.confusion(y, easy, th).sensitivity == 1.0
+    with pytest.raises(ValueError, match="no condition"):
+        metrics.select_threshold_robust(y, {})
+
+
+def test_tradeoff_table_rows():
+    rows = metrics.tradeoff_table([1, 0, 1, 0], {"a": [0.9, 0.6, 0.4, 0.1]}, [0.5])
+    assert rows == [{"threshold": 0.5,
+                     "conditions": {"a": {"sensitivity": 0.5, "specificity": 0.5}}}]
+
+
+def test_histogram_fractions():
+    h = metrics.histogram([0.0, 0.05, 0.55, 1.0], n_bins=10)
+    assert h[0] == 0.5 and h[5] == 0.25 and h[9] == 0.25 and sum(h) == pytest.approx(1.0)
+
+
+def test_wilson_interval_known_values():
+    lo, hi = metrics.wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = metrics.wilson_interval(50, 100)
+    assert (lo, hi) == (pytest.approx(0.4038, abs=1e-4), pytest.approx(0.5962, abs=1e-4))
+    assert all(math.isnan(v) for v in metrics.wilson_interval(0, 0))
+
+
+def test_bootstrap_threshold_ci_brackets_the_estimate():
+    rng = np.random.default_rng(1)
+    y = np.r_[np.ones(200), np.zeros(200)]
+    p = np.r_[rng.beta(5, 2, 200), rng.beta(2, 5, 200)]
+    th = metrics.select_threshold(y, p, 0.95)
+    lo, hi = metrics.bootstrap_threshold_ci(y, p, 0.95, n_boot=200)
+    assert lo <= th <= hi and hi - lo < 0.3

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 
 from cxr_worker import decode, gate, report
 from cxr_worker.errors import OutOfScopeError
-from cxr_worker.labels import Label
+from cxr_worker.labels import Label, Population
 from cxr_worker.model.preprocess import load_grey_image
 
 CFG = report.ReportConfig("1.2.826.0.1.3680043.10.1187.", 9901, "cxr-worker")
@@ -53,11 +53,18 @@ def received(grey: NDArray[np.float32], name: str = "Sample^Patient",
     return reread(ds)
 
 
+IN_POPULATION = "IN VALIDATED POPULATION (age 3 years; validated 1-5 years)"
+OUTSIDE = "OUTSIDE VALIDATED POPULATION (age 81 years; validated 1-5 years)"
+UNKNOWN = "POPULATION UNKNOWN (no usable patient age; validated 1-5 years)"
+
+
 def build(source: Dataset, model_version: str = "pneumonia-test-1",
-          probability: float = 0.73, label: str = Label.SUSPECTED) -> Dataset:
+          probability: float = 0.73, label: str = Label.SUSPECTED, *,
+          population: str = Population.IN, population_text: str = IN_POPULATION) -> Dataset:
     sc = report.build_secondary_capture(
         source, decode.display_image(source), probability=probability, label=label,
-        threshold=0.5, model_version=model_version, cfg=CFG)
+        threshold=0.5, model_version=model_version, cfg=CFG, population=population,
+        population_text=population_text)
     return reread(sc)
 
 
@@ -141,3 +148,37 @@ def test_the_gate_refuses_our_own_result(grey: NDArray[np.float32]) -> None:
     with pytest.raises(OutOfScopeError) as err:
         gate.check(sc, GATE)
     assert err.value.rule == "own_output", f"refused by {err.value.rule}, not the loop guard"
+
+
+@pytest.mark.parametrize(("population", "text"), [
+    (Population.OUTSIDE, OUTSIDE), (Population.UNKNOWN, UNKNOWN), (Population.IN, IN_POPULATION),
+])
+def test_banner_shows_the_population_beside_the_label(grey: NDArray[np.float32],
+                                                      population: str, text: str) -> None:
+    source = received(grey)
+    sc = build(source, probability=0.999, population=population, population_text=text)
+    comments = str(sc.ImageComments).split(" / ")
+    assert comments[:3] == ["SUSPECTED PNEUMONIA", text,
+                            "probability > 0.99 (threshold 0.50, model card)"]
+    assert text in sc.DerivationDescription and "> 0.99" in sc.DerivationDescription
+    # the population line: on an amber strip when outside or unknown, never otherwise
+    pixels = sc.pixel_array
+    amber = np.all(pixels == report.POPULATION_WARNING_COLOUR, axis=-1)
+    banner_rows = np.flatnonzero(amber.any(axis=1))
+    if population == Population.IN:
+        assert not banner_rows.size
+    else:
+        assert banner_rows.size, "no amber strip for the population line"
+        assert banner_rows.max() < pixels.shape[0] - source.Rows  # in the banner
+
+
+def test_banner_lines_order_and_formats() -> None:
+    lines = report.banner_lines(Label.NEGATIVE, UNKNOWN, 0.004, 0.1395, "m1")
+    assert lines == [Label.NEGATIVE, UNKNOWN, "probability < 0.01 (threshold 0.14, model card)",
+                     "model m1", "AI TRIAGE - NOT FOR DIAGNOSTIC USE"]
+    site = "site threshold, calibrated 2026-11-26 on 150 images"
+    assert report.banner_lines(Label.SUSPECTED, IN_POPULATION, 0.7, 0.62, "m1",
+                               threshold_source=site)[2] == (
+        f"probability 0.70 (threshold 0.62, {site})")
+    assert not any("1.00" in x or "0.00" in x
+                   for x in report.banner_lines(Label.SUSPECTED, OUTSIDE, 1.0, 0.5, "m"))

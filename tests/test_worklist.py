@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -10,9 +11,10 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, inspect, text
+from sqlalchemy.exc import IntegrityError
 
 from cxr_worker.worklist import queue, schema, studies
-from cxr_worker.worklist.models import Label, Status
+from cxr_worker.worklist.models import Label, Population, Status
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 SLOW_RETRY = queue.RetryPolicy(lease_seconds=60, max_attempts=2, base_seconds=30, max_seconds=60)
@@ -69,6 +71,69 @@ def test_migrations_up_and_down(engine):
     assert "instances" not in inspect(engine).get_table_names()
     schema.upgrade(engine)
     assert schema.current_revision(engine) == schema.head_revision()
+
+
+def _insert_0001_row(conn, sop: str, outside: bool, status: str = "sent") -> None:
+    now = dt.datetime(2026, 11, 1, 8, 0)
+    conn.execute(text(
+        "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, "
+        "series_instance_uid, accession_number, calling_ae_title, transfer_syntax_uid, "
+        "spool_path, status, attempts, send_attempts, next_attempt_at, probability, label, "
+        "threshold, model_version, outside_population, received_at) VALUES (:sop, '1.2.840."
+        "10008.5.1.4.1.1.1', :study, '1.2.5', 'A1', 'MOD', '1.2.840.10008.1.2.1', '/s', "
+        ":status, 1, 0, :now, 0.8, 'SUSPECTED PNEUMONIA', 0.5, 'm0', :outside, :now)"),
+        {"sop": sop, "study": f"9.{sop}", "status": status, "now": now, "outside": outside})
+
+
+def test_migration_0002_population_from_0001_rows(engine):
+    """Rows written under schema 0001 keep their judgement: outside_population true becomes
+    "outside", false "in_population"; the way down restores the boolean."""
+    schema.downgrade(engine, "0001")
+    assert "population" not in {c["name"] for c in inspect(engine).get_columns("instances")}
+    with engine.begin() as c:
+        _insert_0001_row(c, "1.1", outside=True)
+        _insert_0001_row(c, "1.2", outside=False)
+        _insert_0001_row(c, "1.3", outside=False, status="received")
+    schema.upgrade(engine, "0002")
+    columns = {c["name"]: c for c in inspect(engine).get_columns("instances")}
+    assert "outside_population" not in columns
+    assert columns["population"]["nullable"] is False
+    with engine.connect() as c:
+        got = dict(c.execute(text("SELECT sop_instance_uid, population FROM instances")).all())
+    assert got == {"1.1": "outside", "1.2": "in_population", "1.3": "in_population"}
+    # the unique SOP Instance UID and the indexes survive the table copy (SQLite batch)
+    indexes = {i["name"] for i in inspect(engine).get_indexes("instances")}
+    assert {"ix_instances_study_instance_uid", "ix_instances_status_next"} <= indexes
+    with pytest.raises(IntegrityError), engine.begin() as c:
+        _insert_0001_row_0002(c, "1.1")
+    with engine.begin() as c:  # the server default fills rows written without it
+        _insert_0001_row_0002(c, "1.4")
+        assert c.execute(text("SELECT population FROM instances "
+                              "WHERE sop_instance_uid = '1.4'")).scalar_one() == "in_population"
+    schema.upgrade(engine)
+    by_uid = {r.study_instance_uid: r for r in studies.triage_list(engine, limit=None)}
+    assert by_uid["9.1.1"].population == "outside" and by_uid["9.1.2"].population == \
+        "in_population"
+
+    schema.downgrade(engine, "0001")
+    with engine.connect() as c:
+        back = dict(c.execute(text("SELECT sop_instance_uid, outside_population "
+                                   "FROM instances")).all())
+    assert {k: bool(v) for k, v in back.items()} == {
+        "1.1": True, "1.2": False, "1.3": False, "1.4": False}
+    schema.upgrade(engine)
+    assert schema.current_revision(engine) == schema.head_revision()
+
+
+def _insert_0001_row_0002(conn, sop: str) -> None:
+    """A row as 0001 code would write it once the schema is at 0002 (no population)."""
+    now = dt.datetime(2026, 11, 2, 8, 0)
+    conn.execute(text(
+        "INSERT INTO instances (sop_instance_uid, sop_class_uid, study_instance_uid, "
+        "series_instance_uid, accession_number, calling_ae_title, transfer_syntax_uid, "
+        "spool_path, status, attempts, send_attempts, next_attempt_at, received_at) VALUES "
+        "(:sop, '1.2', :study, '1.2.5', '', '', '', '/s', 'received', 0, 0, :now, :now)"),
+        {"sop": sop, "study": f"9.{sop}", "now": now})
 
 
 def test_enqueue_is_idempotent_on_sop_instance_uid(engine):
@@ -143,11 +208,12 @@ def test_retry_backoff_then_dead_letter(engine):
     assert row.status == "failed" and row.label == "FAILED" and row.probability is None
 
 
-def _score(engine, sop, p, label, status="scored"):
+def _score(engine, sop, p, label, status="scored", *, population=Population.IN):
     job = queue.claim(engine, "process", "w", 60)
     assert job is not None and job.sop_instance_uid == sop
     queue.mark_scored(engine, job, "w", probability=p, label=label, threshold=0.5,
-                      model_version="m1", result_path="/r", result_sop_instance_uid="1.9")
+                      model_version="m1", result_path="/r", result_sop_instance_uid="1.9",
+                      population=population)
 
 
 def test_triage_order_suspected_first_then_arrival(engine):
@@ -178,6 +244,66 @@ def test_triage_order_suspected_first_then_arrival(engine):
                   {"t": dt.datetime(2000, 1, 1)})
     recent = studies.triage_list(engine, since=dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
     assert [r.study_instance_uid for r in recent] == ["1.2", "1.1", "1.3", "1.5"]
+
+
+def test_outside_and_unknown_population_never_rise_above_in_population_suspected(engine):
+    """In-population suspected first (highest probability first), then suspected outside or
+    of unknown population (highest first), then the rest by arrival."""
+    d = _add(engine, 1, study="5.d")[0]  # negative, in population, oldest
+    a = _add(engine, 1, study="5.a")[0]  # suspected 0.95, outside (an adult)
+    b = _add(engine, 1, study="5.b")[0]  # suspected 0.60, in population
+    c = _add(engine, 1, study="5.c")[0]  # suspected 0.70, unknown (no age)
+    e = _add(engine, 1, study="5.e")[0]  # suspected 0.55, in population
+    g = _add(engine, 1, study="5.g")[0]  # negative, outside
+    r = _add(engine, 1, study="5.r")[0]  # refused for its age (gate.refuse_unknown_age)
+    _add(engine, 1, study="5.f")  # pending
+    _score(engine, d, 0.1, Label.NEGATIVE)
+    _score(engine, a, 0.95, Label.SUSPECTED, population=Population.OUTSIDE)
+    _score(engine, b, 0.6, Label.SUSPECTED)
+    _score(engine, c, 0.7, Label.SUSPECTED, population=Population.UNKNOWN)
+    _score(engine, e, 0.55, Label.SUSPECTED)
+    _score(engine, g, 0.3, Label.NEGATIVE, population=Population.OUTSIDE)
+    job = queue.claim(engine, "process", "w", 60)
+    assert job is not None and job.sop_instance_uid == r
+    queue.mark_not_scored(engine, job, "w", "out of scope (patient_age): POPULATION UNKNOWN",
+                          population=Population.UNKNOWN)
+    rows = studies.triage_list(engine, limit=None)
+    assert [x.study_instance_uid for x in rows] == [
+        "5.b", "5.e", "5.a", "5.c", "5.d", "5.g", "5.r", "5.f"]
+    pop = {x.study_instance_uid: x.population for x in rows}
+    assert pop == {"5.b": "in_population", "5.e": "in_population", "5.a": "outside",
+                   "5.c": "unknown", "5.d": "in_population", "5.g": "outside",
+                   "5.r": "unknown", "5.f": "unknown"}  # pending: not yet assessed
+    js = [x.as_json() for x in rows]
+    assert [x["population"] for x in js] == [pop[x["study_instance_uid"]] for x in js]
+    assert json.loads(json.dumps(js[2]))["population"] == "outside"
+    assert [x.study_instance_uid for x in studies.triage_list(engine, "suspected")] == \
+        ["5.b", "5.e", "5.a", "5.c"]
+
+
+def test_study_population_is_its_worst_scored_image(engine):
+    a, b, c = _add(engine, 3, study="6.1")
+    _score(engine, a, 0.8, Label.SUSPECTED)
+    _score(engine, b, 0.2, Label.NEGATIVE, population=Population.UNKNOWN)
+    (row,) = studies.triage_list(engine)
+    assert row.population == "unknown"  # a pending image does not count
+    _score(engine, c, 0.3, Label.NEGATIVE, population=Population.OUTSIDE)
+    (row,) = studies.triage_list(engine)
+    assert row.population == "outside"
+    # re-received (duplicate C-STORE, replay): unknown until the gate has seen it again
+    _add_again(engine, a)
+    job = queue.claim(engine, "process", "w", 60)
+    assert job is not None and job.sop_instance_uid == a
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT population FROM instances WHERE sop_instance_uid = "
+                                 ":u"), {"u": a}).scalar_one() == "unknown"
+
+
+def _add_again(engine: Engine, sop: str) -> None:
+    queue.enqueue(engine, sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                  study_instance_uid="6.1", series_instance_uid="1.2.5", accession_number="A1",
+                  calling_ae_title="MOD", transfer_syntax_uid="1.2.840.10008.1.2.1",
+                  spool_path=f"/nonexistent/{sop}.dcm")
 
 
 def test_study_with_one_suspected_image_is_suspected(engine):

@@ -79,19 +79,49 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _shift_table(shifts: dict[str, dict[str, float]]) -> list[str]:
-    if not shifts:
+def _conditions_table(conditions: dict[str, dict[str, float]]) -> list[str]:
+    if not conditions:
         return []
-    rows = [f"| {name} | {v['auc']:.4f} | {v['sensitivity']:.3f} | {v['specificity']:.3f} |"
-            for name, v in shifts.items()]
-    return ["### Under simulated acquisition shifts (validation images, shipped threshold)", "",
-            "| shift | AUC | sensitivity | specificity |", "|---|---|---|---|", *rows, ""]
+    rows = [f"| {name} | {v['auc']:.4f} | {v['sensitivity']:.3f} | {v['specificity']:.3f} | "
+            f"{v['ece']:.3f} | {v['ece_uncalibrated']:.3f} |"
+            for name, v in conditions.items()]
+    return ["### Validation and simulated acquisition shifts, at the shipped threshold", "",
+            "| condition | AUC | sensitivity | specificity | ECE | ECE before calibration |",
+            "|---|---|---|---|---|---|", *rows, ""]
+
+
+def _tradeoff_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    names = list(rows[0]["conditions"])
+    head = "| threshold | " + " | ".join(names) + " |"
+    lines = ["### Trade-off: sensitivity / specificity per condition", "",
+             "Each cell is sensitivity / specificity when images scoring at or above the "
+             "threshold are called suspected.", "", head,
+             "|---|" + "---|" * len(names)]
+    for r in rows:
+        cells = [f"{r['conditions'][n]['sensitivity']:.3f} / "
+                 f"{r['conditions'][n]['specificity']:.3f}" for n in names]
+        lines.append(f"| {r['threshold']:.4f} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _reliability_table(bins: list[dict[str, Any]]) -> list[str]:
+    if not bins:
+        return []
+    rows = [f"| {b['bin'] / 10:.1f}-{(b['bin'] + 1) / 10:.1f} | {b['mean_probability']:.3f} | "
+            f"{b['observed_frequency']:.3f} | {b['count']} |" for b in bins]
+    return ["### Reliability (validation, calibrated probabilities)", "",
+            "| bin | mean predicted | observed pneumonia frequency | images |",
+            "|---|---|---|---|", *rows, ""]
 
 
 def render_markdown(card: dict[str, Any]) -> str:
     val = card.get("validation", {})
     at = val.get("at_threshold", {})
     data = card.get("training_data", {})
+    pre = card.get("preprocessing", {})
+    cal = card.get("calibration", {})
     lines = [
         f"# Model card: {card['model_version']}",
         "",
@@ -104,6 +134,13 @@ def render_markdown(card: dict[str, Any]) -> str:
         "## Architecture",
         card.get("architecture", ""),
         "",
+        "## Preprocessing and calibration",
+        f"- preprocessing contract version {pre.get('version', 1)}: {pre.get('description', '')}"
+        if isinstance(pre, dict) else f"- preprocessing: {pre}",
+        f"- calibration: Platt scaling, p = sigmoid({cal.get('a', 1.0):.4f} * logit(raw) + "
+        f"{cal.get('b', 0.0):.4f}), fitted on {cal.get('fitted_on', '-')}" if cal else
+        "- calibration: none (raw sigmoid output)",
+        "",
         "## Files",
         *[f"- `{name}`: sha256 `{meta['sha256']}`" for name, meta in card["files"].items()],
         "",
@@ -115,17 +152,26 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"- file list sha256: `{data.get('file_list_sha256', '')}`",
         "",
         "## Decision threshold",
-        f"- threshold: {_fmt(card['threshold'])}",
+        f"- threshold: {_fmt(card['threshold'])} (calibrated probability)",
         f"- policy: {card.get('threshold_policy', '')}",
         "",
         "## Validation (patient-grouped split of the training data)",
-        f"- ROC AUC: {_fmt(val.get('auc'))} (95% bootstrap CI {val.get('auc_ci95')})",
+        f"- ROC AUC: {_fmt(val.get('auc'))} (95% bootstrap CI "
+        f"{', '.join(f'{v:.4f}' for v in val.get('auc_ci95', []))})",
+        f"- expected calibration error: {_fmt(val.get('expected_calibration_error'))} "
+        f"(before calibration {_fmt(val.get('expected_calibration_error_uncalibrated'))})",
         *[f"- {k}: {_fmt(v)}" for k, v in at.items()],
+        f"- positive rate band over the conditions below (prevalence "
+        f"{_fmt(val.get('prevalence'))}): {val.get('positive_rate_band')}",
         "",
         "Validation images come from the same acquisitions as the training images and flatter the "
-        "model; expect lower specificity on other sites' images.",
+        "model; expect lower specificity on other sites' images, and calibrate the site's own "
+        "threshold with `cxr-worker calibrate`.",
         "",
-        *_shift_table(val.get("under_simulated_shifts", {})),
+        *_conditions_table(val.get("conditions", {})),
+        *_tradeoff_table(val.get("tradeoff", [])),
+        *_reliability_table(val.get("reliability", [])),
+        *card.get("notes", []),
         "## Training",
         *[f"- {k}: {_fmt(v)}" for k, v in card.get("training", {}).items()],
         "",

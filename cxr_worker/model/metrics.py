@@ -7,6 +7,7 @@ hand-computed cases.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -175,3 +176,73 @@ def select_threshold(
     boundary = pos[allowed]
     below = p[p < boundary]
     return float((boundary + below.max()) / 2.0) if below.size else float(boundary)
+
+
+def select_threshold_robust(
+    y_true: ArrayLike, y_prob_by_condition: Mapping[str, ArrayLike], min_sensitivity: float = 0.98
+) -> tuple[float, str]:
+    """The shift-robust operating point: the highest threshold that keeps sensitivity >=
+    ``min_sensitivity`` under *every* condition (validation and each simulated acquisition
+    shift), i.e. the lowest of the per-condition thresholds of :func:`select_threshold`.
+
+    Returns the threshold and the condition that set it. Missing a pneumonia is the costly
+    error, so the operating point is chosen where the model is weakest, not where it is best.
+    """
+    if not y_prob_by_condition:
+        raise ValueError("no condition to choose a threshold on")
+    per = {name: select_threshold(y_true, p, min_sensitivity)
+           for name, p in y_prob_by_condition.items()}
+    binding = min(per, key=lambda k: per[k])
+    return per[binding], binding
+
+
+def tradeoff_table(
+    y_true: ArrayLike, y_prob_by_condition: Mapping[str, ArrayLike], thresholds: ArrayLike
+) -> list[dict[str, object]]:
+    """Rows ``{threshold, conditions: {name: {sensitivity, specificity}}}`` for the card."""
+    rows: list[dict[str, object]] = []
+    for th in np.asarray(thresholds, dtype=np.float64):
+        cells: dict[str, dict[str, float]] = {}
+        for name, p in y_prob_by_condition.items():
+            c = confusion(y_true, p, float(th))
+            cells[name] = {"sensitivity": c.sensitivity, "specificity": c.specificity}
+        rows.append({"threshold": float(th), "conditions": cells})
+    return rows
+
+
+def histogram(y_prob: ArrayLike, n_bins: int = 10) -> list[float]:
+    """Fraction of scores in each of ``n_bins`` equal-width bins of [0, 1]."""
+    p = np.asarray(y_prob, dtype=np.float64).ravel()
+    if p.size == 0:
+        return [0.0] * n_bins
+    counts = np.bincount(np.minimum((p * n_bins).astype(int), n_bins - 1), minlength=n_bins)
+    return [float(c) for c in counts / p.size]
+
+
+def bootstrap_threshold_ci(
+    y_true: ArrayLike, y_prob: ArrayLike, min_sensitivity: float, *, n_boot: int = 1000,
+    seed: int = 0, level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of :func:`select_threshold` (cases resampled per class)."""
+    t, p = _arrays(y_true, y_prob)
+    rng = np.random.default_rng(seed)
+    pos, neg = p[t == 1], p[t == 0]
+    values = []
+    for _ in range(n_boot):
+        bp = rng.choice(pos, pos.size)
+        bn = rng.choice(neg, neg.size)
+        yy = np.concatenate([np.ones(bp.size), np.zeros(bn.size)])
+        values.append(select_threshold(yy, np.concatenate([bp, bn]), min_sensitivity))
+    lo, hi = np.quantile(values, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95% by default); (nan, nan) when ``n`` is 0."""
+    if n == 0:
+        return float("nan"), float("nan")
+    phat = successes / n
+    denom = 1 + z * z / n
+    centre = (phat + z * z / (2 * n)) / denom
+    half = z * np.sqrt(phat * (1 - phat) / n + z * z / (4 * n * n)) / denom
+    return float(max(0.0, centre - half)), float(min(1.0, centre + half))

@@ -1,4 +1,5 @@
-"""The preprocessing contract shared by training, ``evaluate``, ``score`` and the service.
+"""The preprocessing contract shared by training, ``evaluate``, ``calibrate``, ``score`` and the
+service.
 
 The model was trained on the Kermany images, which are *whole* radiographs squashed to
 224x224 (aspect ratio not kept) and stored as grey JPEG. Every path into the model therefore
@@ -8,10 +9,16 @@ goes through :func:`to_model_input`:
    float; how a DICOM gets there is the decode stage's business (``cxr_worker.decode``);
 2. the whole image resized to 224x224 without keeping the aspect ratio, with Pillow's
    antialiased bilinear filter on float data (no 8-bit rounding on the way);
-3. grey replicated to three channels, float32, still in [0, 255].
+3. (contract version 2) global histogram equalisation of the 224x224 image
+   (:func:`equalize`): the grey levels are replaced by their rank, so any monotonic change of
+   exposure, contrast, gamma or window (another detector, another VOI choice) gives nearly the
+   same input. Chosen by measurement against version 1 (see the model card);
+4. grey replicated to three channels, float32, in [0, 255].
 
 The scaling to MobileNetV2's [-1, 1] range is a ``Rescaling`` layer *inside* the saved graph
-(see :mod:`cxr_worker.model.architecture`), so no caller can forget or repeat it.
+(see :mod:`cxr_worker.model.architecture`), so no caller can forget or repeat it. The model
+card records the contract version a model was trained with (``preprocessing.version``); the
+scorer refuses a model whose version this code does not implement.
 """
 
 from __future__ import annotations
@@ -25,13 +32,45 @@ from PIL import Image
 INPUT_SIZE = 224
 """Side of the square model input, in pixels."""
 
+CONTRACT_VERSION = 2
+"""1: squash to 224 only; 2: squash to 224, then global histogram equalisation."""
 
-def to_model_input(grey: NDArray[np.floating] | NDArray[np.integer]) -> NDArray[np.float32]:
-    """Squash a grey display image (values 0..255) to the model's (224, 224, 3) float32 input."""
+SUPPORTED_VERSIONS = (1, 2)
+
+
+def equalize(img: NDArray[np.floating] | NDArray[np.integer]) -> NDArray[np.float32]:
+    """Global histogram equalisation of a grey image in [0, 255] (any leading batch axes).
+
+    Values are rounded to 256 levels; level ``v`` becomes
+    ``255 * (cdf(v) - cdf_min) / (n - cdf_min)``, the standard mapping (Gonzalez & Woods),
+    computed per image over its last two axes. A constant image maps to 0.
+    """
+    arr = np.asarray(img)
+    flat = np.clip(np.rint(arr), 0, 255).astype(np.uint8).reshape(-1, arr.shape[-2] * arr.shape[-1])
+    out = np.empty(flat.shape, np.float32)
+    for i, row in enumerate(flat):
+        cdf = np.cumsum(np.bincount(row, minlength=256))
+        cdf_min = cdf[row.min()]
+        span = row.size - cdf_min
+        lut = (255.0 * (cdf - cdf_min) / span) if span else np.zeros(256)
+        out[i] = lut.astype(np.float32)[row]
+    return out.reshape(arr.shape)
+
+
+def to_model_input(
+    grey: NDArray[np.floating] | NDArray[np.integer], version: int = CONTRACT_VERSION
+) -> NDArray[np.float32]:
+    """Squash a grey display image (values 0..255) to the model's (224, 224, 3) float32 input.
+
+    ``version`` is the contract version of the model that will score the result (the model
+    card's ``preprocessing.version``); the default is the current one.
+    """
     if grey.ndim != 2:
         raise ValueError(f"expected a 2-D grey image, got shape {grey.shape}")
     if min(grey.shape) < 1:
         raise ValueError("empty image")
+    if version not in SUPPORTED_VERSIONS:
+        raise ValueError(f"preprocessing contract version {version} is not implemented")
     img = np.asarray(grey, dtype=np.float32)
     if img.shape != (INPUT_SIZE, INPUT_SIZE):
         resized = Image.fromarray(img, mode="F").resize(
@@ -39,6 +78,8 @@ def to_model_input(grey: NDArray[np.floating] | NDArray[np.integer]) -> NDArray[
         )
         img = np.asarray(resized, dtype=np.float32)
     img = np.clip(img, 0.0, 255.0)
+    if version >= 2:
+        img = equalize(img)
     return np.repeat(img[:, :, None], 3, axis=2)
 
 

@@ -87,10 +87,11 @@ def split_by_patient(
 
 
 def load_arrays(samples: list[Sample]) -> tuple[NDArray[np.uint8], NDArray[np.float32]]:
-    """Images as (N, 224, 224) uint8 grey through the preprocessing contract, labels float32."""
+    """Images squashed to (N, 224, 224) uint8 grey (contract version 1: before equalisation,
+    so augmentation can act on the raw image first), labels float32."""
     images = np.empty((len(samples), INPUT_SIZE, INPUT_SIZE), dtype=np.uint8)
     for i, s in enumerate(samples):
-        x = to_model_input(load_grey_image(s.path))[:, :, 0]
+        x = to_model_input(load_grey_image(s.path), version=1)[:, :, 0]  # equalised later
         images[i] = np.round(x).astype(np.uint8)
     labels = np.array([s.label for s in samples], dtype=np.float32)
     return images, labels

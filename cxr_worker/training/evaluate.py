@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from cxr_worker.model import metrics
-from cxr_worker.model.preprocess import load_grey_image, to_model_input
+from cxr_worker.model.preprocess import load_grey_image
 from cxr_worker.score import Scorer
 from cxr_worker.training.data import list_samples
 
@@ -29,8 +29,7 @@ CASE_NAMES = {
 
 def score_folder(data_dir: Path, scorer: Scorer) -> tuple[Any, Any, list[str]]:
     samples = list_samples(data_dir)
-    probs = np.array([scorer.score(to_model_input(load_grey_image(s.path))).probability
-                      for s in samples])
+    probs = np.array([scorer.score_grey(load_grey_image(s.path)).probability for s in samples])
     labels = np.array([s.label for s in samples])
     return labels, probs, [str(s.path) for s in samples]
 
@@ -57,7 +56,8 @@ def evaluate(data_dir: Path, out_dir: Path | None, model_dir: str | None = None,
 
         images = [load_grey_image(s.path).astype(np.float32) for s in list_samples(data_dir)]
         result["under_simulated_shifts"] = shift_report(
-            lambda x: scorer.score(x).probability, images, y, scorer.threshold)
+            lambda x: scorer.score(x).probability, images, y, scorer.threshold,
+            scorer.preprocessing_version)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -6,13 +6,13 @@ import datetime as dt
 import enum
 from typing import Any
 
-from sqlalchemy import Boolean, DateTime, Dialect, Float, Index, Integer, String, Text
+from sqlalchemy import DateTime, Dialect, Float, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from cxr_worker.labels import Label
+from cxr_worker.labels import Label, Population
 
-__all__ = ["Base", "Instance", "Label", "Status", "utcnow"]
+__all__ = ["Base", "Instance", "Label", "Population", "Status", "utcnow"]
 
 UID = String(64)
 
@@ -90,7 +90,10 @@ class Instance(Base):
     label: Mapped[str | None] = mapped_column(String(32), nullable=True)
     threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
     model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    outside_population: Mapped[bool] = mapped_column(Boolean, default=False)
+    # in_population | outside | unknown (labels.Population); set by the gate, "unknown" until
+    # the gate has seen the image; shown beside the label (migration 0002)
+    population: Mapped[str] = mapped_column(
+        String(16), default=Population.IN, server_default=Population.IN.value)
     result_sop_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
     result_path: Mapped[str | None] = mapped_column(Text, nullable=True)
 
@@ -99,3 +102,25 @@ class Instance(Base):
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
     __table_args__ = (Index("ix_instances_status_next", "status", "next_attempt_at"),)
+
+
+class SiteThreshold(Base):
+    """An operating point chosen on a site's own labelled images (``calibrate --apply``)."""
+
+    __tablename__ = "site_thresholds"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_version: Mapped[str] = mapped_column(String(64))
+    threshold: Mapped[float] = mapped_column(Float)
+    target_sensitivity: Mapped[float] = mapped_column(Float)
+    n_normal: Mapped[int] = mapped_column(Integer)
+    n_pneumonia: Mapped[int] = mapped_column(Integer)
+    n_refused: Mapped[int] = mapped_column(Integer)
+    sensitivity: Mapped[float] = mapped_column(Float)
+    specificity: Mapped[float] = mapped_column(Float)
+    positive_rate: Mapped[float] = mapped_column(Float)
+    file_list_sha256: Mapped[str] = mapped_column(String(64))
+    data: Mapped[str] = mapped_column(Text)  # the data folder or CSV it was chosen on
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (Index("ix_site_thresholds_model", "model_version", "id"),)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from sqlalchemy import Engine, create_engine, event, or_, select, true, update
 from sqlalchemy.orm import Session
 
-from cxr_worker.worklist.models import Instance, Status, utcnow
+from cxr_worker.worklist.models import Instance, Population, Status, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,8 @@ def enqueue(engine: Engine, **values: Any) -> tuple[int, bool]:
             select(Instance).where(Instance.sop_instance_uid == values["sop_instance_uid"])
         ).one_or_none()
         if row is None:
-            row = Instance(**values, status=Status.RECEIVED, received_at=now, next_attempt_at=now)
+            row = Instance(**values, status=Status.RECEIVED, received_at=now, next_attempt_at=now,
+                           population=Population.UNKNOWN)  # until the gate has seen it
             s.add(row)
             s.flush()
             return row.id, True
@@ -100,6 +101,7 @@ def enqueue(engine: Engine, **values: Any) -> tuple[int, bool]:
 def _reset(row: Instance, now: dt.datetime) -> None:
     row.status = Status.RECEIVED
     row.reason = None
+    row.population = Population.UNKNOWN
     row.attempts = 0
     row.send_attempts = 0
     row.next_attempt_at = now

@@ -1,9 +1,20 @@
 """The triage list: one row per study, suspected pneumonia first.
 
-Ordering (what a reading queue needs): studies with a suspected pneumonia first, highest
-probability first; then every other study by arrival, oldest first. A study that was not
-scored (all images refused, failed, or still pending) shows that status and its reason,
-never a negative label.
+Ordering (what a reading queue needs), in three groups:
+
+1. suspected pneumonia in the validated population (``in_population``), highest probability
+   first;
+2. suspected pneumonia outside the validated population or of unknown population (no usable
+   patient age), highest probability first: the model was not validated on them, so their
+   score must never push a study the model was validated on down the list, yet a suspected
+   result is still read before the negatives;
+3. every other study by arrival, oldest first.
+
+Ties keep arrival order. A study's population is that of its scored images (``outside``
+beats ``unknown`` beats ``in_population``); a study without a scored image takes its
+images' (``unknown`` until the gate has seen them, or what a ``patient_age`` refusal found).
+A study that was not scored (all images refused, failed, or still pending) shows that
+status and its reason, never a negative label.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ from typing import Any
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from cxr_worker.worklist.models import Instance, Label, Status
+from cxr_worker.worklist.models import Instance, Label, Population, Status
 
 
 @dataclass(frozen=True)
@@ -28,7 +39,7 @@ class StudyRow:
     probability: float | None
     threshold: float | None
     model_version: str | None
-    outside_population: bool
+    population: str  # in_population | outside | unknown
     reason: str | None
     images: int
     received_at: dt.datetime
@@ -80,7 +91,7 @@ def _study_row(rows: list[Instance]) -> StudyRow:
             probability=top.probability,
             threshold=top.threshold,
             model_version=top.model_version,
-            outside_population=any(r.outside_population for r in scored),
+            population=str(Population.worst([r.population for r in scored])),
             scored_at=max((r.scored_at for r in scored if r.scored_at), default=None),
             sent_at=max(sent_times) if sent_times and status == "sent" else None,
         )
@@ -91,7 +102,9 @@ def _study_row(rows: list[Instance]) -> StudyRow:
     else:
         status, label = "not_scored", "NOT SCORED"
     return StudyRow(**base, status=status, label=label, probability=None, threshold=None,
-                    model_version=None, outside_population=False, scored_at=None, sent_at=None)
+                    model_version=None,
+                    population=str(Population.worst([r.population for r in rows])),
+                    scored_at=None, sent_at=None)
 
 
 def triage_list(
@@ -119,6 +132,8 @@ def triage_list(
 
 
 def _triage_key(r: StudyRow) -> tuple[int, float, float]:
+    """See the module docstring: validated suspected, then other suspected, then arrival."""
     if r.label == Label.SUSPECTED:
-        return (0, -(r.probability or 0.0), r.received_at.timestamp())
-    return (1, 0.0, r.received_at.timestamp())
+        group = 0 if r.population == Population.IN else 1
+        return (group, -(r.probability or 0.0), r.received_at.timestamp())
+    return (2, 0.0, r.received_at.timestamp())

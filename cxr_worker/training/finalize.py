@@ -1,0 +1,162 @@
+"""After training: calibrate, choose the operating point, measure, and write the model card.
+
+Everything here is computed with the served runtime (TensorFlow Lite) on the validation split
+that training held out (the same deterministic, patient-grouped split), so the card describes
+what the service will do:
+
+1. raw validation scores, unshifted and under each simulated acquisition shift
+   (:mod:`cxr_worker.training.robustness`);
+2. Platt scaling fitted on the unshifted validation scores (:mod:`cxr_worker.model.calibration`);
+3. the threshold, on the calibrated scale, by the shift-robust policy
+   (:func:`cxr_worker.model.metrics.select_threshold_robust`): the highest threshold that keeps
+   sensitivity >= the target on validation *and* under every shift;
+4. per condition: AUC, sensitivity and specificity at the threshold, ECE before and after
+   calibration; the trade-off table (threshold -> sensitivity/specificity per condition); the
+   reliability bins; the validation score histogram and positive-rate band that
+   ``cxr-worker stats`` compares a site against.
+
+It can be re-run on a trained model directory (``training.json`` beside the model files) without
+training again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cxr_worker.model import card as model_card
+from cxr_worker.model import metrics
+from cxr_worker.model.calibration import fit_platt
+from cxr_worker.model.preprocess import CONTRACT_VERSION
+
+TRADEOFF_THRESHOLDS = (0.05, 0.10, 0.20, 0.30, 0.40, 0.50, 0.60, 0.70, 0.80, 0.90, 0.95)
+
+
+@dataclass(frozen=True)
+class FinalizeConfig:
+    data_dir: Path
+    seed: int = 0
+    val_fraction: float = 0.15
+    max_images: int | None = None
+    min_sensitivity: float = 0.98
+
+
+def finalize(model_dir: Path, cfg: FinalizeConfig) -> dict[str, Any]:
+    from cxr_worker.model.runtime import TFLiteScorer
+    from cxr_worker.training import data
+    from cxr_worker.training.robustness import VALIDATION, condition_scores
+    from cxr_worker.training.train import TRAINING_RECORD, load_split
+
+    record = json.loads((model_dir / TRAINING_RECORD).read_text())
+    version = int(record.get("preprocessing_version", CONTRACT_VERSION))
+    train_s, val_s = load_split(cfg.data_dir, cfg.seed, cfg.val_fraction, cfg.max_images)
+    x_va, y_va = data.load_arrays(val_s)
+    tflite_path = model_dir / model_card.TFLITE_FILE
+    tfl = TFLiteScorer(tflite_path)
+    print("scoring validation under each simulated acquisition shift ...", flush=True)
+    raw = condition_scores(tfl.predict, [x.astype(np.float32) for x in x_va], version)
+    p_keras = np.asarray(record.get("validation_probabilities_keras", []), dtype=np.float64)
+    max_diff = (float(np.abs(raw[VALIDATION] - p_keras).max())
+                if p_keras.size == raw[VALIDATION].size else None)
+
+    platt = fit_platt(y_va, raw[VALIDATION])
+    cal = {name: platt(p) for name, p in raw.items()}
+    threshold, binding = metrics.select_threshold_robust(y_va, cal, cfg.min_sensitivity)
+    validation_only = metrics.select_threshold(y_va, cal[VALIDATION], cfg.min_sensitivity)
+
+    conditions: dict[str, dict[str, Any]] = {}
+    for name, p in cal.items():
+        c = metrics.confusion(y_va, p, threshold)
+        conditions[name] = {
+            "auc": metrics.roc_auc(y_va, p),
+            "sensitivity": c.sensitivity,
+            "specificity": c.specificity,
+            "ece": metrics.expected_calibration_error(y_va, p),
+            "ece_uncalibrated": metrics.expected_calibration_error(y_va, raw[name]),
+            "positive_rate": float((p >= threshold).mean()),
+        }
+    table_thresholds = sorted({*TRADEOFF_THRESHOLDS, round(threshold, 4),
+                               round(validation_only, 4)})
+    val_p = cal[VALIDATION]
+    conf = metrics.confusion(y_va, val_p, threshold)
+    rates = [v["positive_rate"] for v in conditions.values()]
+    keras_sha = model_card.sha256_file(model_dir / model_card.KERAS_FILE)
+    date = dt.datetime.now(dt.UTC)
+    alpha = float(record["alpha"])
+    card: dict[str, Any] = {
+        "model_version": f"cxr-pneumonia-mnv2-a{alpha:g}-{date:%Y%m%d}-{keras_sha[:8]}",
+        "created": date.isoformat(timespec="seconds"),
+        "threshold": threshold,
+        "threshold_policy": (
+            f"highest threshold (on the calibrated probability) that keeps sensitivity >= "
+            f"{cfg.min_sensitivity} on validation and under every simulated acquisition shift "
+            f"of the battery; set by '{binding}'. Probability >= threshold is called SUSPECTED "
+            "PNEUMONIA. The validation-only threshold for the same sensitivity would be "
+            f"{validation_only:.4f}."),
+        "threshold_binding_condition": binding,
+        "threshold_validation_only": validation_only,
+        "calibration": {**platt.as_dict(), "fitted_on": "validation (unshifted)"},
+        "preprocessing": {
+            "function": "cxr_worker.model.preprocess.to_model_input",
+            "version": version,
+            "description": ("squash to 224x224, global histogram equalisation, grey x3"
+                             if version >= 2 else "squash to 224x224, grey x3"),
+        },
+        "files": {
+            model_card.KERAS_FILE: {"sha256": keras_sha,
+                                    "bytes": (model_dir / model_card.KERAS_FILE).stat().st_size},
+            model_card.TFLITE_FILE: {"sha256": model_card.sha256_file(tflite_path),
+                                     "bytes": tflite_path.stat().st_size,
+                                     "max_abs_diff_vs_keras": max_diff},
+        },
+        "architecture": (
+            f"Rescaling([0,255]->[-1,1]) -> MobileNetV2(alpha={alpha:g}, ImageNet weights, "
+            "include_top=False) -> GlobalAveragePooling -> Dense(100, relu) -> Dropout(0.6) -> "
+            "Dense(50, relu) -> Dense(1, sigmoid); Adam; binary cross-entropy. Served "
+            "probability: Platt-scaled sigmoid output."),
+        "intended_use": model_card.INTENDED_USE,
+        "population": model_card.POPULATION,
+        "training_data": {
+            "source": "Kermany et al. 2018 (Cell 172(5)), Mendeley Data doi:10.17632/rscbjbr9sj.2, "
+            "CC BY 4.0; training split, 224x224 copy",
+            "train_counts": record["train_counts"],
+            "validation_counts": {"NORMAL": int((y_va == 0).sum()),
+                                  "PNEUMONIA": int(y_va.sum())},
+            "split": f"stratified, grouped by patient, {cfg.val_fraction:.0%} validation, "
+            f"seed {cfg.seed}; byte-identical duplicates dropped",
+            "file_list_sha256": data.file_list_hash(train_s + val_s),
+        },
+        "validation": {
+            "auc": metrics.roc_auc(y_va, val_p),
+            "auc_ci95": list(metrics.bootstrap_auc_ci(y_va, val_p, seed=cfg.seed)),
+            "expected_calibration_error": conditions[VALIDATION]["ece"],
+            "expected_calibration_error_uncalibrated": conditions[VALIDATION]["ece_uncalibrated"],
+            "at_threshold": conf.as_dict(),
+            "reliability": metrics.reliability_bins(y_va, val_p),
+            "histogram": metrics.histogram(val_p),
+            "positive_rate_band": [min(rates), max(rates)],
+            "prevalence": float(y_va.mean()),
+            "runtime": "TensorFlow Lite (the served runtime)",
+            "conditions": conditions,
+            "tradeoff": metrics.tradeoff_table(y_va, cal, table_thresholds),
+            # the raw served-runtime scores behind every figure above, so that a test can
+            # recompute the card (and check the model still gives them) without the data
+            "scores": {
+                "files": [f"{data.CLASSES[s.label]}/{s.path.name}" for s in val_s],
+                "labels": [int(v) for v in y_va],
+                "raw": [float(v) for v in raw[VALIDATION]],
+            },
+        },
+        "training": record["training"],
+    }
+    model_card.write_card(model_dir, card)
+    print(f"model version {card['model_version']}; validation AUC "
+          f"{card['validation']['auc']:.4f}; threshold {threshold:.4f} (set by {binding}): "
+          f"sensitivity {conf.sensitivity:.4f}, specificity {conf.specificity:.4f}; "
+          f"ECE {conditions[VALIDATION]['ece']:.4f}", flush=True)
+    return card
