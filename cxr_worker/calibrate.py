@@ -32,8 +32,9 @@ from typing import Any
 import numpy as np
 
 from cxr_worker.errors import CalibrationError, NotScoredError
+from cxr_worker.inputs import is_image_input
 from cxr_worker.model import metrics
-from cxr_worker.pipeline import IMAGE_SUFFIXES, assess_file
+from cxr_worker.pipeline import assess_file
 
 MIN_PER_CLASS = 50
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")
@@ -44,20 +45,6 @@ _LABELS = {"normal": 0, "0": 0, "negative": 0, "pneumonia": 1, "1": 1, "positive
 class Labelled:
     path: Path
     label: int
-
-
-def is_dicom_file(path: Path) -> bool:
-    """A Part 10 file (``DICM`` after the 128-byte preamble)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
-
-
-def is_image_input(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES or is_dicom_file(path)
 
 
 def labelled_inputs(data: Path) -> tuple[list[Labelled], list[Path]]:

@@ -2,6 +2,10 @@
 
 Exit codes: 0 success; 1 the command ran but something failed (an input not scored, a peer
 that did not answer, a replay with failures); 2 usage or configuration errors.
+
+Every failure a user can cause ends as ONE line on stderr naming the key, path, port or URL and
+what to do (:func:`main` catches the worker's error tree, :mod:`cxr_worker.errors`); the
+traceback is logged only with ``--log-level DEBUG``.
 """
 
 from __future__ import annotations
@@ -11,14 +15,15 @@ import datetime as dt
 import json
 import logging
 import sys
+import textwrap
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cxr_worker import __version__
-from cxr_worker.errors import ConfigError, CxrWorkerError
-from cxr_worker.settings import Settings, load_settings
+from cxr_worker import __version__, logs
+from cxr_worker.errors import ConfigError, CxrWorkerError, StartupError
+from cxr_worker.settings import CONFIG_ENV, ENV_PREFIX, Settings, load_settings
 
 logger = logging.getLogger("cxr_worker")
 
@@ -29,10 +34,28 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(getattr(args, "config", None))
 
 
-def open_worklist(s: Settings) -> Any:
-    from cxr_worker.worklist import schema
+def _log_format(args: argparse.Namespace) -> str:
+    """``[logging] format``, read before the command runs so every record has that form;
+    "text" when the settings are invalid (the command then reports them, one line)."""
+    try:
+        return _settings(args).logging.format
+    except CxrWorkerError:
+        return "text"
 
-    return schema.open_database(s.database_url)
+
+def _err(message: str, level: int = logging.ERROR) -> None:
+    """One line for the user on stderr (a JSON log record with ``[logging] format = "json"``,
+    so stderr stays JSON lines)."""
+    if logs.json_enabled():
+        logger.log(level, "%s", message)
+    else:
+        print(message, file=sys.stderr, flush=True)
+
+
+def open_worklist(s: Settings) -> Any:
+    from cxr_worker import service
+
+    return service.open_worklist(s)
 
 
 def _print_json(obj: Any) -> None:
@@ -54,8 +77,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
         peer = send.Peer(s.listener.ae_title, s.listener.host, s.listener.port,
                          "CXR_ECHO", s.pacs.timeout_seconds)
     elif not s.pacs_configured:
-        print("no PACS configured: set [pacs] ae_title, host and port (or use --self)",
-              file=sys.stderr)
+        _err("no PACS configured: set [pacs] ae_title, host and port (or use --self)")
         return EXIT_USAGE
     else:
         peer = send.Peer(s.pacs.ae_title, s.pacs.host, s.pacs.port, s.listener.ae_title,
@@ -64,24 +86,47 @@ def cmd_echo(args: argparse.Namespace) -> int:
     try:
         send.echo(peer)
     except CxrWorkerError as exc:
-        print(f"C-ECHO {target} failed: {exc}", file=sys.stderr)
+        _err(f"C-ECHO {target} failed: {exc}")
         return EXIT_FAILED
     print(f"C-ECHO {target}: success")
     return EXIT_OK
 
 
 def cmd_db(args: argparse.Namespace) -> int:
+    from cxr_worker.service import prepare_data_dir
     from cxr_worker.worklist import queue, schema
 
     s = _settings(args)
-    schema.ensure_sqlite_folder(s.database_url)
-    engine = queue.make_engine(s.database_url)
-    if args.db_command == "upgrade":
-        rev = schema.upgrade(engine, args.revision)
-        print(f"database at revision {rev} (head {schema.head_revision()})")
-    else:
-        print(f"database at revision {schema.current_revision(engine)} "
-              f"(head {schema.head_revision()})")
+    if not s.database.url:
+        prepare_data_dir(s)
+    with schema.named_errors(s.database_url):
+        schema.ensure_sqlite_folder(s.database_url)
+        engine = queue.make_engine(s.database_url)
+        if args.db_command == "upgrade":
+            rev = schema.upgrade(engine, args.revision)
+            print(f"database at revision {rev} (head {schema.head_revision()})")
+        else:
+            print(f"database at revision {schema.current_revision(engine)} "
+                  f"(head {schema.head_revision()})")
+    return EXIT_OK
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from cxr_worker import doctor
+
+    # a peer that does not answer is reported on its check's line, not as a logged error
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    failed = False
+    for check in doctor.run(getattr(args, "config", None)):
+        print(check.line(), flush=True)
+        failed = failed or check.status == doctor.FAIL
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def cmd_conformance(args: argparse.Namespace) -> int:
+    from cxr_worker import conformance
+
+    print(conformance.statement(), end="")
     return EXIT_OK
 
 
@@ -95,7 +140,7 @@ def _parse_since(value: str) -> dt.datetime | None:
     try:
         since = dt.datetime.fromisoformat(value)
     except ValueError:
-        print(f"--since: not an ISO date/time: {value!r}", file=sys.stderr)
+        _err(f"--since: not an ISO date/time: {value!r}")
         return None
     return since if since.tzinfo else since.replace(tzinfo=dt.UTC)
 
@@ -168,21 +213,29 @@ def _score_one(path: Path, scorer: Any, gate_cfg: Any) -> dict[str, Any]:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    from cxr_worker import inputs
     from cxr_worker.labels import format_probability, format_threshold
     from cxr_worker.service import existing_worklist, gate_config, load_scorer
 
     s = _settings(args)
+    # folders: DICOM (by its preamble), PNG and JPEG only; files named here are all tried
+    paths, skipped = inputs.expand(map(Path, args.paths), inputs.is_image_input, "score")
+    if skipped:
+        _err(inputs.skipped_line(skipped, "not DICOM, PNG or JPEG"), logging.WARNING)
     scorer = load_scorer(s, existing_worklist(s))
     gate_cfg = gate_config(s)
-    paths: list[Path] = []
-    for p in map(Path, args.paths):
-        paths.extend(sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p])
     failures = 0
     for p in paths:
-        res = _score_one(p, scorer, gate_cfg)
+        res: dict[str, Any]
+        if not inputs.is_image_input(p):
+            res = {"path": str(p), "scored": False, "reason": inputs.NOT_AN_IMAGE, "rule": None}
+        else:
+            res = _score_one(p, scorer, gate_cfg)
         failures += not res["scored"]
         if args.json:
             _print_json(res)
+        elif res.get("reason") == inputs.NOT_AN_IMAGE:
+            _err(f"{p}: {inputs.NOT_AN_IMAGE}")
         elif res["scored"]:
             print(f"{p}: {res['label']} | {res['population_text']} | "
                   f"p={format_probability(res['probability'])} "
@@ -203,7 +256,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if args.since and since is None:
         return EXIT_USAGE
     results = replay.run(s, paths=[Path(p) for p in args.paths], study=args.study, since=since,
-                         dry_run=args.dry_run, send=not args.no_send)
+                         dry_run=args.dry_run, send=not args.no_send, notify=_err)
     for r in results:
         if args.json:
             _print_json(r)
@@ -212,7 +265,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                      for k, v in r.items() if v is not None}  # probability='> 0.99'
             print(" ".join(f"{k}={v}" for k, v in shown.items()))
     if not results:
-        print("nothing to replay", file=sys.stderr)
+        _err("nothing to replay")
         return EXIT_FAILED
     bad = [r for r in results if r.get("status") in ("failed", "not_scored", "error")]
     return EXIT_FAILED if bad else EXIT_OK
@@ -234,25 +287,32 @@ def _missing_train_extra(command: str) -> bool:
 def cmd_train(args: argparse.Namespace) -> int:
     if _missing_train_extra("train"):
         return EXIT_USAGE
-    from cxr_worker.training.train import TrainConfig, run
+    from cxr_worker.training.train import MemberSpec, TrainConfig, run
 
+    try:
+        members = MemberSpec.parse(args.members)
+    except ValueError as exc:
+        print(f"--members {args.members!r}: {exc} (expected e.g. 0.5:2,0.5:1)", file=sys.stderr)
+        return EXIT_USAGE
     run(TrainConfig(
         data_dir=Path(args.data), weights=Path(args.weights), out_dir=Path(args.out),
-        alpha=args.alpha, head_epochs=args.head_epochs, finetune_epochs=args.finetune_epochs,
+        head_epochs=args.head_epochs, finetune_epochs=args.finetune_epochs,
         batch_size=args.batch_size, seed=args.seed, val_fraction=args.val_fraction,
         min_sensitivity=args.min_sensitivity, max_images=args.max_images,
-        steps_per_epoch=args.steps_per_epoch))
+        steps_per_epoch=args.steps_per_epoch), members)
     return EXIT_OK
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if _missing_train_extra("evaluate"):
         return EXIT_USAGE
+    from cxr_worker.service import model_dir
     from cxr_worker.training.evaluate import evaluate
 
     s = _settings(args)
     result = evaluate(Path(args.data), Path(args.out) if args.out else None,
-                      s.model.path or None, s.model.threshold, shifts=args.shifts)
+                      str(model_dir(s)), s.model.threshold, shifts=args.shifts,
+                      progress=logs.progress_enabled())
     _print_json(result) if args.json else print(json.dumps(result, indent=2))
     return EXIT_OK
 
@@ -269,7 +329,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         rep = calibrate.calibrate(Path(args.data), scorer, gate_config(s),
                                   args.target_sensitivity)
     except CalibrationError as exc:
-        print(f"calibrate: {exc}", file=sys.stderr)
+        _err(f"calibrate: {exc}")
         return EXIT_FAILED
     if args.apply:
         row = calibrate.apply(engine, rep)
@@ -307,14 +367,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from cxr_worker import stats
     from cxr_worker.model import card as model_card
-    from cxr_worker.score import SHIPPED_MODEL_DIR
+    from cxr_worker.service import model_dir
     from cxr_worker.worklist import site
 
     s = _settings(args)
     since = _parse_since(args.since) if args.since else None
     if args.since and since is None:
         return EXIT_USAGE
-    card = model_card.load_card(s.model.path or SHIPPED_MODEL_DIR)
+    card = model_card.load_card(model_dir(s))
     engine = open_worklist(s)
     site_row = site.latest(engine, card["model_version"]) if s.model.threshold is None else None
     st = stats.compute(engine, card, card["model_version"], since, site_row)
@@ -326,14 +386,65 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 # -- parser -----------------------------------------------------------------------------
+EPILOG = f"""\
+environment:
+  {CONFIG_ENV}      the TOML settings file when --config is not given
+  {ENV_PREFIX}<SECTION>__<KEY>
+                         any setting, over the file's (lists comma-separated),
+                         e.g. {ENV_PREFIX}PACS__HOST=pacs.example.org,
+                         {ENV_PREFIX}LOGGING__FORMAT=json
+
+exit codes:
+  0  success
+  1  the command ran but something failed (an input not scored, a peer
+     that did not answer, a replay with failures, a model file whose
+     sha256 differs from its card)
+  2  usage or configuration errors: an invalid setting, or one naming what
+     cannot be used (data_dir, port, database, model folder, input file)
+
+Errors are one line on stderr; --log-level DEBUG adds the traceback.
+"""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default, and keeps the line breaks of descriptions and epilogs
+    (each line wrapped on its own)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" not in text and default is not None and default is not False
+                and default is not argparse.SUPPRESS
+                and (action.option_strings or action.nargs in ("?", "*"))):
+            text += " (default: %(default)s)"
+        return text
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        # unindented lines are paragraphs (wrapped); indented ones are laid out already
+        return "\n".join(
+            textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+            if line and not line[0].isspace() else indent + line
+            for line in text.splitlines())
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every parser and sub-parser of the CLI shows defaults (:class:`_HelpFormatter`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
-                        help="TOML settings file (default: $CXR_WORKER_CONFIG)")
+                        help=f"TOML settings file (default: ${CONFIG_ENV}, else built-in "
+                        "defaults)")
     common.add_argument("--log-level", default=argparse.SUPPRESS,
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    p = argparse.ArgumentParser(
-        prog="cxr-worker", parents=[common],
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log level (default: INFO); DEBUG also shows tracebacks")
+    p = _Parser(
+        prog="cxr-worker", parents=[common], epilog=EPILOG,
         description="Chest X-ray pneumonia triage worker (DICOM in, Secondary Capture out).")
     p.add_argument("--version", action="version", version=f"cxr-worker {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -356,8 +467,8 @@ def _add_service_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
     sp = sub.add_parser("worklist", parents=[common],
                         help="the triage list: suspected pneumonia first")
-    sp.add_argument("--status", choices=STATUS_FILTERS)
-    sp.add_argument("--limit", type=int, default=50)
+    sp.add_argument("--status", choices=STATUS_FILTERS, help="only studies in this status")
+    sp.add_argument("--limit", type=int, default=50, help="at most this many studies")
     sp.add_argument("--since", metavar="TIME",
                     help="only studies with an image received since this ISO time (UTC unless "
                     "it names a zone), e.g. the start of the reading shift")
@@ -366,42 +477,70 @@ def _add_service_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 
     sp = sub.add_parser("replay", parents=[common],
                         help="push stored or given images through the pipeline again")
-    sp.add_argument("paths", nargs="*", metavar="FILE|DIR")
+    sp.add_argument("paths", nargs="*", metavar="FILE|DIR",
+                    help="DICOM files, or folders (their DICOM files; others are skipped)")
     sp.add_argument("--study", metavar="UID", help="every stored image of this study")
     sp.add_argument("--since", metavar="TIME", help="every stored image received since "
                     "this ISO time (UTC unless it names a zone)")
     sp.add_argument("--dry-run", action="store_true", help="list what would be replayed")
     sp.add_argument("--no-send", action="store_true",
                     help="build the results but do not send them (status 'held')")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="one JSON object per image")
     sp.set_defaults(func=cmd_replay)
 
     sp = sub.add_parser("score", parents=[common],
                         help="score DICOM, PNG or JPEG files without the service")
-    sp.add_argument("paths", nargs="+", metavar="PATH")
+    sp.add_argument("paths", nargs="+", metavar="PATH",
+                    help="DICOM, PNG or JPEG files, or folders (their DICOM, PNG and JPEG "
+                    "files; others are skipped)")
     sp.add_argument("--json", action="store_true", help="one JSON object per input")
     sp.set_defaults(func=cmd_score)
 
     sp = sub.add_parser("db", parents=[common], help="database schema")
     dbsub = sp.add_subparsers(dest="db_command", required=True)
     up = dbsub.add_parser("upgrade", parents=[common], help="apply migrations (Alembic)")
-    up.add_argument("revision", nargs="?", default="head")
+    up.add_argument("revision", nargs="?", default="head", help="Alembic revision")
     dbsub.add_parser("current", parents=[common], help="show the schema revision")
     sp.set_defaults(func=cmd_db)
+
+    sp = sub.add_parser("doctor", parents=[common],
+                        help="check config, port, database, disk, model and PACS (exit 1 on "
+                        "any FAIL)")
+    sp.set_defaults(func=cmd_doctor)
+
+    sp = sub.add_parser("conformance", parents=[common],
+                        help="print the DICOM conformance statement (Markdown)")
+    sp.set_defaults(func=cmd_conformance)
+
+
+def _default_members() -> tuple[Any, ...]:
+    # the recipe is data, not TensorFlow: importing train.py does not import TensorFlow
+    from cxr_worker.training.train import DEFAULT_MEMBERS
+
+    return DEFAULT_MEMBERS
 
 
 def _add_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     sp = sub.add_parser("train", parents=[common], help="train the pneumonia model")
     sp.add_argument("--data", required=True, help="folder with NORMAL/ and PNEUMONIA/")
-    sp.add_argument("--weights", required=True, help="MobileNetV2 ImageNet no_top .h5 file")
+    sp.add_argument("--weights", required=True,
+                    help="MobileNetV2 ImageNet no_top .h5 file, or a folder holding them under "
+                    "their official names (one per alpha of --members)")
     sp.add_argument("--out", required=True, help="output folder (model, TFLite, card)")
-    sp.add_argument("--alpha", type=float, default=0.5)
-    sp.add_argument("--head-epochs", type=int, default=2)
-    sp.add_argument("--finetune-epochs", type=int, default=3)
-    sp.add_argument("--batch-size", type=int, default=32)
-    sp.add_argument("--seed", type=int, default=0)
-    sp.add_argument("--val-fraction", type=float, default=0.15)
-    sp.add_argument("--min-sensitivity", type=float, default=0.98)
+    sp.add_argument("--members", default=",".join(
+        f"{m.alpha:g}:{m.preprocessing_version}" for m in _default_members()),
+        help="networks of the ensemble as alpha:contract_version, comma-separated "
+        "(default: %(default)s, the shipped recipe)")
+    sp.add_argument("--head-epochs", type=int, default=2,
+                    help="epochs training the new head on the frozen backbone")
+    sp.add_argument("--finetune-epochs", type=int, default=4,
+                    help="epochs fine-tuning the whole backbone (BatchNorm statistics frozen)")
+    sp.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    sp.add_argument("--seed", type=int, default=0, help="random seed (split, shuffling)")
+    sp.add_argument("--val-fraction", type=float, default=0.15,
+                    help="share of patients held out for validation")
+    sp.add_argument("--min-sensitivity", type=float, default=0.98,
+                    help="validation sensitivity the card's threshold must keep")
     sp.add_argument("--max-images", type=int, help="train on a stratified subset (smoke runs)")
     sp.add_argument("--steps-per-epoch", type=int, help="cap batches per epoch (smoke runs)")
     sp.set_defaults(func=cmd_train)
@@ -421,32 +560,30 @@ def _add_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                     "(default: %(default)s)")
     sp.add_argument("--apply", action="store_true",
                     help="record the threshold in the worklist database as the site's")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="the report as one JSON object")
     sp.set_defaults(func=cmd_calibrate)
 
     sp = sub.add_parser("stats", parents=[common],
                         help="statuses, positive rate and score histogram (drift check)")
     sp.add_argument("--since", metavar="TIME",
                     help="only images received since this ISO time (UTC unless it names a zone)")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="one JSON object")
     sp.set_defaults(func=cmd_stats)
 
     sp = sub.add_parser("evaluate", parents=[common],
                         help="metrics and plots of the model on a NORMAL/PNEUMONIA folder")
-    sp.add_argument("--data", required=True)
+    sp.add_argument("--data", required=True, help="folder with NORMAL/ and PNEUMONIA/")
     sp.add_argument("--out", help="folder for metrics.json and the PNG plots")
     sp.add_argument("--shifts", action="store_true",
                     help="also score under simulated acquisition shifts (gamma, blur, JPEG...)")
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--json", action="store_true", help="the metrics as one JSON line")
     sp.set_defaults(func=cmd_evaluate)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=getattr(args, "log_level", "INFO"), stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(getattr(args, "log_level", "INFO"), _log_format(args))
     for noisy in ("pynetdicom", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # a wake-up while the drain job runs is "skipped: maximum number of running instances",
@@ -458,12 +595,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
     try:
         return int(args.func(args))
-    except ConfigError as exc:
-        print(f"cxr-worker: configuration error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except CxrWorkerError as exc:
-        print(f"cxr-worker: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as exc:
+        return _fail(*_explain(exc))
+
+
+def _explain(exc: Exception) -> tuple[str, int]:
+    """The line and exit code for an error that reached :func:`main`."""
+    if isinstance(exc, ConfigError):
+        return f"configuration error: {exc}", EXIT_USAGE
+    if isinstance(exc, StartupError):
+        return str(exc), EXIT_USAGE
+    if isinstance(exc, CxrWorkerError):
+        return str(exc), EXIT_FAILED
+    if isinstance(exc, OSError):  # a disk or file problem no stage named: say which file
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}", EXIT_FAILED
+    # a bug: one line here too, the traceback with --log-level DEBUG
+    return (f"unexpected error {type(exc).__name__}: {exc} (rerun with --log-level DEBUG for "
+            "the traceback)", EXIT_FAILED)
+
+
+def _fail(message: str, code: int) -> int:
+    """Print the one line for an error :func:`main` caught (the traceback only at DEBUG)."""
+    logger.debug("traceback of the error below", exc_info=True)
+    _err(f"cxr-worker: {message}")
+    return code
 
 
 if __name__ == "__main__":

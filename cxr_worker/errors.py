@@ -2,6 +2,10 @@
 
     CxrWorkerError
     ├── ConfigError            invalid settings; start-up stops with the key named
+    ├── StartupError           a valid setting or argument names something unusable: a data_dir
+    │                          that cannot be written, a port in use, a database that cannot
+    │                          be reached, a model folder that is not one, a missing input;
+    │                          the message names the key (or argument) and what to do
     ├── ModelIntegrityError    model file missing, or its sha256 differs from the model card
     ├── CalibrationError       a site's labelled images cannot give a threshold (too few, bad list)
     ├── NotScoredError         an image that is kept but not scored; ``reason`` is recorded
@@ -13,6 +17,8 @@
     └── SendError              the PACS refused or could not be reached (retried later)
 
 Every error that reaches the worklist or a CLI's JSON carries a short, patient-free reason.
+``cxr-worker`` prints any of them as one line on stderr: ``ConfigError`` and ``StartupError``
+exit 2, the others 1 (the traceback only with ``--log-level DEBUG``).
 """
 
 from __future__ import annotations
@@ -26,6 +32,14 @@ class CxrWorkerError(Exception):
 
 class ConfigError(CxrWorkerError):
     """A setting is missing or invalid; the message names the key."""
+
+
+class StartupError(CxrWorkerError):
+    """A command cannot start: what a setting or argument names cannot be used.
+
+    The message names the key (``storage.data_dir``, ``listener.port``, ``database.url``,
+    ``model.path``) or the argument, the value (passwords masked) and what to do.
+    """
 
 
 class ModelIntegrityError(CxrWorkerError):

@@ -35,6 +35,10 @@ DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
+# every rule's name, in the order checked (the worklist reason and metrics name them)
+RULES = ("sop_class", "own_output", "modality", "body_part", "view_position",
+         "presentation_intent", "patient_age")
+
 
 @dataclass(frozen=True)
 class GateConfig:

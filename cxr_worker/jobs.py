@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -22,6 +23,8 @@ logger = logging.getLogger(__name__)
 
 DRAIN = "drain"
 RETENTION = "retention"
+PACS_ECHO = "pacs_echo"
+PACS_ECHO_SECONDS = 60.0
 
 
 def apply_retention(engine: Engine, retention_days: float, pacs_configured: bool) -> int:
@@ -52,7 +55,9 @@ def apply_retention(engine: Engine, retention_days: float, pacs_configured: bool
 
 class Jobs:
     def __init__(self, pipeline: Pipeline, poll_seconds: float, retention_days: float,
-                 retention_interval_seconds: float) -> None:
+                 retention_interval_seconds: float, *,
+                 pacs_echo: Callable[[], object] | None = None,
+                 pacs_echo_seconds: float = PACS_ECHO_SECONDS) -> None:
         self.pipeline = pipeline
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.add_job(
@@ -62,6 +67,10 @@ class Jobs:
             apply_retention, "interval", seconds=retention_interval_seconds, id=RETENTION,
             args=[pipeline.engine, retention_days, pipeline.pacs is not None],
             max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.UTC))
+        if pacs_echo is not None:  # reported by /readyz and /metrics; never stops the worker
+            self.scheduler.add_job(
+                pacs_echo, "interval", seconds=pacs_echo_seconds, id=PACS_ECHO, max_instances=1,
+                coalesce=True, next_run_time=dt.datetime.now(dt.UTC))
 
     def start(self) -> None:
         self.scheduler.start()

@@ -32,9 +32,12 @@ from cxr_worker.errors import (
     QuarantinedError,
     SendError,
 )
+from cxr_worker.inputs import IMAGE_SUFFIXES
+from cxr_worker.metrics import Metrics
 from cxr_worker.score import Score, Scorer
 from cxr_worker.spool import Spool, atomic_write
 from cxr_worker.worklist import queue
+from cxr_worker.worklist.models import utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ class Pipeline:
         owner: str | None = None,
         hold_results: bool = False,
         only_ids: set[int] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.engine = engine
         self.spool = spool
@@ -69,6 +73,9 @@ class Pipeline:
         self.hold_results = hold_results  # replay --no-send: build results, never send
         self.only_ids = only_ids  # replay: touch only the replayed instances
         self.stopping = threading.Event()  # set at shutdown: finish the current job only
+        self.metrics = metrics if metrics is not None else Metrics()
+        if pacs is not None:
+            self.metrics.add_destination(pacs.ae_title)
 
     # -- processing ---------------------------------------------------------------------
     def process_next(self) -> bool:
@@ -98,31 +105,41 @@ class Pipeline:
         return QuarantinedError(f"{reason} (file kept in quarantine as {dest.name})", dest)
 
     def _process(self, job: queue.Job) -> None:
+        m = self.metrics
         try:
-            ds = decode.read_file(job.spool_path)
+            with m.stage("decode"):  # header read; pixels below (after the gate)
+                ds = decode.read_file(job.spool_path)
         except FileNotFoundError:
             raise NotScoredError("spooled file is missing (removed by retention?)") from None
         except DecodeError as exc:
             raise self._quarantine(job, exc.reason) from exc
         gate_result = gate.check(ds, self.gate_cfg)
         try:
-            display = decode.display_image(ds)
-            x = self.scorer.prepare(display)
+            with m.stage("decode"):
+                display = decode.display_image(ds)
+                x = self.scorer.prepare(display)
         except DecodeError as exc:
             raise self._quarantine(job, exc.reason) from exc
-        score = self.scorer.score(x)
-        sc = report.build_secondary_capture(
-            ds, display, probability=score.probability, label=score.label,
-            threshold=score.threshold, model_version=score.model_version, cfg=self.report_cfg,
-            population=gate_result.population, population_text=gate_result.population_text,
-            threshold_source=score.threshold_source)
-        result_path = self.spool.result_path(job.study_instance_uid, job.sop_instance_uid)
-        atomic_write(result_path, lambda f: sc.save_as(f, enforce_file_format=True))
-        queue.mark_scored(
+        with m.stage("score"):
+            score = self.scorer.score(x)
+        with m.stage("report"):
+            sc = report.build_secondary_capture(
+                ds, display, probability=score.probability, label=score.label,
+                threshold=score.threshold, model_version=score.model_version,
+                cfg=self.report_cfg, population=gate_result.population,
+                population_text=gate_result.population_text,
+                threshold_source=score.threshold_source)
+            result_path = self.spool.result_path(job.study_instance_uid, job.sop_instance_uid)
+            atomic_write(result_path, lambda f: sc.save_as(f, enforce_file_format=True))
+        scored = queue.mark_scored(
             self.engine, job, self.owner, hold=self.hold_results,
             probability=score.probability, label=score.label, threshold=score.threshold,
             model_version=score.model_version, population=str(gate_result.population),
             result_path=str(result_path), result_sop_instance_uid=str(sc.SOPInstanceUID))
+        if scored:  # from the row insert, or from the re-queue (replay, duplicate C-STORE)
+            since = job.received_at if job.attempts else max(job.received_at,
+                                                              job.next_attempt_at)
+            m.time_to_flag.observe(max((utcnow() - since).total_seconds(), 0.0))
         logger.info("scored %s: %s p=%.3f (%s)", job.sop_instance_uid, score.label,
                     score.probability, gate_result.population)
 
@@ -135,16 +152,20 @@ class Pipeline:
                           self.only_ids)
         if job is None:
             return False
+        destination = self.pacs.ae_title
         try:
             if not job.result_path:
                 raise SendError("no result file recorded")
-            send.store(self.pacs, dcmread(job.result_path))
+            with self.metrics.stage("send"):
+                send.store(self.pacs, dcmread(job.result_path))
         except (SendError, OSError, InvalidDicomError) as exc:
+            self.metrics.delivery_failures.labels(destination).inc()
             status = queue.mark_attempt_failed(self.engine, job, self.owner, "send", str(exc),
                                                policy=self.retry)
             logger.warning("sending result of %s failed (%s): %s", job.sop_instance_uid,
                            status, exc)
         else:
+            self.metrics.deliveries.labels(destination).inc()
             queue.mark_sent(self.engine, job, self.owner)
             logger.info("sent result %s for %s", job.result_sop_instance_uid,
                         job.sop_instance_uid)
@@ -163,9 +184,6 @@ class Pipeline:
 
 
 # -- the one scoring path outside the queue (score, calibrate) -------------------------------
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
 @dataclass(frozen=True)
 class Assessment:
     """What the service would conclude for one file: the gate's verdict and the score."""

@@ -43,11 +43,30 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 
+# every status the handlers return, with its meaning for the sender (the conformance
+# statement, ``cxr-worker conformance``, is generated from this table)
+STORE_STATUSES: dict[int, str] = {
+    STATUS_SUCCESS: "Success: the file is fsynced in the spool and its job row committed; "
+                    "the worker now owns the image",
+    STATUS_OUT_OF_RESOURCES: "Refused: Out of Resources: the file or the job row cannot be "
+                             "written (disk full, database down); the sender keeps the image "
+                             "and should retry later",
+    STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS: "Error: Data Set does not match SOP Class: no "
+                                             "Pixel Data, or no SOP Instance, Study Instance "
+                                             "or Series Instance UID",
+    STATUS_CANNOT_UNDERSTAND: "Error: Cannot understand: the data set cannot be parsed",
+}
+
 ACCEPTED_STORAGE = (
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     SecondaryCaptureImageStorage,
 )
+# accepted only when the setting named here is true: raw detector data
+OPTIONAL_STORAGE: dict[str, str] = {
+    DigitalXRayImageStorageForProcessing: "listener.accept_dx_for_processing",
+}
+MAX_PDU_SIZE = 0  # no limit: fewer, larger P-DATA PDUs for 10 MB images
 
 
 @dataclass(frozen=True)
@@ -58,7 +77,8 @@ class ListenerConfig:
 
 
 def storage_classes(cfg: ListenerConfig) -> tuple[str, ...]:
-    extra = (DigitalXRayImageStorageForProcessing,) if cfg.accept_dx_for_processing else ()
+    enabled = {"listener.accept_dx_for_processing": cfg.accept_dx_for_processing}
+    extra = tuple(c for c, setting in OPTIONAL_STORAGE.items() if enabled[setting])
     return tuple(str(c) for c in ACCEPTED_STORAGE + extra)
 
 
@@ -82,7 +102,7 @@ def transfer_syntaxes() -> list[str]:
 
 def make_ae(cfg: ListenerConfig) -> AE:
     ae = AE(ae_title=cfg.ae_title)
-    ae.maximum_pdu_size = 0  # no limit: fewer, larger P-DATA PDUs for 10 MB images
+    ae.maximum_pdu_size = MAX_PDU_SIZE
     ae.add_supported_context(Verification)
     syntaxes = transfer_syntaxes()
     for sop_class in storage_classes(cfg):

@@ -7,12 +7,17 @@ source and the model version, so a re-sent result replaces the earlier one on th
 The replay runs in this process on exactly the selected instances (a running ``serve`` may
 take some of them over; the leases keep the two apart). Sends that fail are left to the
 service's retries and reported as ``retrying``.
+
+Folders are walked for DICOM files (``DICM`` preamble); other files are skipped and reported
+in one line. A path that does not exist stops the replay before anything is done (exit 2). A
+progress bar shows on a terminal.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -21,6 +26,7 @@ from pydicom.errors import InvalidDicomError
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
+from cxr_worker import inputs, logs
 from cxr_worker.settings import Settings
 from cxr_worker.spool import Spool, atomic_write
 from cxr_worker.worklist import queue
@@ -29,19 +35,17 @@ from cxr_worker.worklist.models import Instance
 logger = logging.getLogger(__name__)
 
 
-def _given_files(paths: list[Path]) -> list[Path]:
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            files.extend(sorted(q for q in p.rglob("*") if q.is_file()))
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {p}")
+def _given_files(paths: list[Path], notify: Callable[[str], None]) -> list[Path]:
+    """The DICOM files of ``paths`` (folders walked); one line about what was skipped."""
+    files, skipped = inputs.expand(paths, inputs.is_dicom_file, "replay")
+    if skipped:
+        notify(inputs.skipped_line(skipped, "not DICOM"))
     return files
 
 
 def _enqueue_file(engine: Engine, spool: Spool, path: Path) -> tuple[int | None, dict[str, Any]]:
+    if not inputs.is_dicom_file(path):  # named on the command line
+        return None, {"path": str(path), "status": "error", "reason": inputs.NOT_DICOM}
     try:
         ds = dcmread(path, stop_before_pixels=True)
         sop_uid, study_uid = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
@@ -93,24 +97,48 @@ def _describe(engine: Engine, ids: list[int]) -> list[dict[str, Any]]:
         return out
 
 
+def _drain(pipeline: Any, ids: list[int]) -> None:
+    """Process (and send) the replayed jobs, with a progress bar on a terminal."""
+    from contextlib import nullcontext
+
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    budget = 2 * len(ids) + 10  # as Pipeline.drain(max_jobs=...)
+    show = logs.progress_enabled()
+    # log lines above the bar, not through it
+    with logging_redirect_tqdm() if show else nullcontext(), tqdm(
+            total=len(ids), desc="replay", unit="image", disable=not show) as bar:
+        while budget > 0 and not pipeline.stopping.is_set():
+            processed = pipeline.process_next()
+            sent = pipeline.send_next()
+            if not (processed or sent):
+                break
+            bar.update(int(processed))
+            budget -= 1
+
+
 def run(s: Settings, *, paths: list[Path], study: str | None, since: dt.datetime | None,
-        dry_run: bool, send: bool) -> list[dict[str, Any]]:
+        dry_run: bool, send: bool,
+        notify: Callable[[str], None] = logger.warning) -> list[dict[str, Any]]:
     from cxr_worker.errors import ConfigError
-    from cxr_worker.service import build_pipeline, load_scorer
-    from cxr_worker.worklist import schema
+    from cxr_worker.service import build_pipeline, load_scorer, open_worklist
 
     if not (paths or study or since):
         raise ConfigError("replay needs FILE|DIR, --study UID or --since TIME")
-    engine = schema.open_database(s.database_url)
+    files = _given_files(paths, notify) if paths else []
+    engine = open_worklist(s)
     if dry_run:
         if paths:
-            return [{"path": str(p), "status": "would replay"} for p in _given_files(paths)]
+            return [{"path": str(p), "status": "would replay"} if inputs.is_dicom_file(p) else
+                    {"path": str(p), "status": "error", "reason": inputs.NOT_DICOM}
+                    for p in files]
         return [{**d, "status": "would replay (was " + d["status"] + ")"}
                 for d in _describe(engine, _select(engine, study, since))]
     spool = Spool(s.data_dir)
     errors: list[dict[str, Any]] = []
     ids: list[int] = []
-    for p in _given_files(paths):
+    for p in files:
         row_id, err = _enqueue_file(engine, spool, p)
         if row_id is None:
             errors.append(err)
@@ -124,5 +152,5 @@ def run(s: Settings, *, paths: list[Path], study: str | None, since: dt.datetime
         return errors
     pipeline = build_pipeline(s, load_scorer(s, engine), engine, hold_results=not send,
                               only_ids=set(ids))
-    pipeline.drain(max_jobs=2 * len(ids) + 10)
+    _drain(pipeline, ids)
     return errors + _describe(engine, ids)

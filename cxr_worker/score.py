@@ -1,13 +1,16 @@
 """Scoring: load the model once, check it against its card, warm up, score one image.
 
 Lifecycle ``load -> preprocess -> predict -> postprocess`` with a ``ready`` flag. The served
-runtime is TensorFlow Lite (LiteRT), which does not import TensorFlow; the Keras file beside it
-is for training, evaluation and Grad-CAM.
+runtime is TensorFlow Lite (LiteRT), which does not import TensorFlow; the Keras files beside it
+are for training, evaluation and Grad-CAM.
 
-- preprocess: :meth:`Scorer.prepare` applies the preprocessing contract *of the model's card*
-  (``preprocessing.version``), so a model is always fed what it was trained on;
-- postprocess: the raw sigmoid output goes through the card's calibration (Platt scaling) and
-  is compared with the threshold in force.
+- the model may be a small ensemble: the card's ``members``, each a TFLite network with its own
+  preprocessing contract version (:func:`cxr_worker.model.card.members`); the raw score is the
+  sigmoid of the members' mean logit;
+- preprocess: :meth:`Scorer.prepare` applies, for each member, the contract version *its card
+  entry names*, so a network is always fed what it was trained on;
+- postprocess: the raw score goes through the card's calibration (Platt scaling) and is
+  compared with the threshold in force.
 
 The threshold in force, by precedence: ``[model] threshold`` in the settings (an explicit
 override), else the site threshold recorded by ``cxr-worker calibrate --apply`` for this model
@@ -17,6 +20,7 @@ version, else the model card's. :attr:`Scorer.threshold_source` names it in ever
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +45,7 @@ class Score:
     label: str
     threshold: float
     model_version: str
-    raw: float = float("nan")  # the network's sigmoid output, before calibration
+    raw: float = float("nan")  # the networks' combined sigmoid output, before calibration
     threshold_source: str = "model card"
 
 
@@ -53,15 +57,25 @@ class ThresholdChoice:
     source: str
 
 
-def preprocessing_version(card: dict[str, object]) -> int:
-    """The contract version a model was trained with (cards before version 2 had none)."""
-    pre = card.get("preprocessing")
-    version = int(str(pre.get("version", 1))) if isinstance(pre, dict) else 1
+@dataclass(frozen=True)
+class Prepared:
+    """One image as every member's input (224, 224, 3), keyed by contract version."""
+
+    by_version: dict[int, NDArray[np.float32]]
+
+
+def _version(member: dict[str, object]) -> int:
+    version = int(str(member.get("preprocessing_version", 1)))
     if version not in SUPPORTED_VERSIONS:
         raise ModelIntegrityError(
             f"the model was trained with preprocessing contract version {version}, which this "
             f"cxr-worker does not implement (it has {SUPPORTED_VERSIONS}): upgrade cxr-worker")
     return version
+
+
+def _logit(p: float) -> float:
+    q = min(max(p, 1e-7), 1 - 1e-7)
+    return math.log(q / (1 - q))
 
 
 class Scorer:
@@ -72,9 +86,12 @@ class Scorer:
 
         self.model_dir = Path(model_dir) if model_dir else SHIPPED_MODEL_DIR
         self.card = model_card.load_card(self.model_dir)
-        path = model_card.verify_file(self.model_dir, model_card.TFLITE_FILE, self.card)
         self.model_version: str = self.card["model_version"]
-        self.preprocessing_version = preprocessing_version(self.card)
+        self._members = [
+            (TFLiteScorer(model_card.verify_file(self.model_dir, str(m["tflite"]), self.card),
+                          num_threads=num_threads), _version(m))
+            for m in model_card.members(self.card)]
+        self.versions = sorted({v for _, v in self._members})
         try:
             self.calibration = Platt.from_card(self.card)
         except (KeyError, TypeError, ValueError) as exc:
@@ -83,10 +100,9 @@ class Scorer:
         self.threshold = self.card_threshold
         self.threshold_source = "model card"
         if isinstance(threshold, ThresholdChoice):
-            self.threshold, self.threshold_source = threshold.value, threshold.source
+            self.use_threshold(threshold)
         elif threshold is not None:
             self.threshold, self.threshold_source = float(threshold), "settings model.threshold"
-        self._runtime = TFLiteScorer(path, num_threads=num_threads)
         self.ready = False
 
     def use_threshold(self, choice: ThresholdChoice) -> None:
@@ -101,17 +117,23 @@ class Scorer:
     def warm_up(self) -> float:
         """One inference on a blank image so the first real one is not slow; returns seconds."""
         t = time.perf_counter()
-        self._runtime.predict(np.zeros((INPUT_SIZE, INPUT_SIZE, 3), np.float32))
+        self.score_grey(np.zeros((INPUT_SIZE, INPUT_SIZE), np.float32))
         self.ready = True
         return time.perf_counter() - t
 
-    def prepare(self, grey: NDArray[np.floating] | NDArray[np.integer]) -> NDArray[np.float32]:
-        """A grey display image (0..255) to this model's input (its card's contract)."""
-        return to_model_input(grey, self.preprocessing_version)
+    def prepare(self, grey: NDArray[np.floating] | NDArray[np.integer]) -> Prepared:
+        """A grey display image (0..255) as the input of each member (its contract)."""
+        return Prepared({v: to_model_input(grey, v) for v in self.versions})
 
-    def score(self, x: NDArray[np.float32]) -> Score:
-        """Score a prepared input (:meth:`prepare`)."""
-        raw = self._runtime.predict(x)
+    def raw_score(self, prepared: Prepared) -> float:
+        """The members' combined output (sigmoid of the mean logit), before calibration."""
+        logits = [_logit(rt.predict(prepared.by_version[v])) for rt, v in self._members]
+        z = sum(logits) / len(logits)
+        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+    def score(self, prepared: Prepared) -> Score:
+        """Score a prepared image (:meth:`prepare`)."""
+        raw = self.raw_score(prepared)
         p = self.calibration.one(raw)
         label = Label.SUSPECTED if p >= self.threshold else Label.NEGATIVE
         return Score(p, str(label), self.threshold, self.model_version, raw,

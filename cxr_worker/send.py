@@ -18,6 +18,15 @@ from cxr_worker.errors import SendError
 
 logger = logging.getLogger(__name__)
 
+# the presentation contexts proposed to the PACS (SCU role), per operation
+ECHO_CONTEXTS: list[tuple[str, list[str]]] = [(Verification, [ImplicitVRLittleEndian])]
+STORE_CONTEXTS: list[tuple[str, list[str]]] = [
+    (SecondaryCaptureImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+# C-STORE answers that count as delivered: success, and the warnings 0xB000-0xB007 (stored,
+# with coercion); any other answer, or none, is a SendError and the result is retried
+STORE_DELIVERED = (0x0000, *range(0xB000, 0xB008))
+CONNECTION_TIMEOUT_MAX = 10.0  # seconds; ACSE, DIMSE and network use Peer.timeout_seconds
+
 
 @dataclass(frozen=True)
 class Peer:
@@ -31,7 +40,7 @@ class Peer:
 def _associate(peer: Peer, contexts: list[tuple[str, list[str]]]) -> object:
     ae = AE(ae_title=peer.calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = peer.timeout_seconds
-    ae.connection_timeout = min(peer.timeout_seconds, 10.0)
+    ae.connection_timeout = min(peer.timeout_seconds, CONNECTION_TIMEOUT_MAX)
     for sop_class, syntaxes in contexts:
         ae.add_requested_context(sop_class, syntaxes)
     assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
@@ -43,7 +52,7 @@ def _associate(peer: Peer, contexts: list[tuple[str, list[str]]]) -> object:
 
 
 def echo(peer: Peer) -> None:
-    assoc = _associate(peer, [(Verification, [ImplicitVRLittleEndian])])
+    assoc = _associate(peer, ECHO_CONTEXTS)
     try:
         status = assoc.send_c_echo()  # type: ignore[attr-defined]
     finally:
@@ -55,15 +64,13 @@ def echo(peer: Peer) -> None:
 
 def store(peer: Peer, ds: Dataset) -> None:
     """C-STORE one Secondary Capture; raise SendError unless the PACS answers success."""
-    assoc = _associate(peer, [(SecondaryCaptureImageStorage,
-                               [ExplicitVRLittleEndian, ImplicitVRLittleEndian])])
+    assoc = _associate(peer, STORE_CONTEXTS)
     try:
         status = assoc.send_c_store(ds)  # type: ignore[attr-defined]
     finally:
         assoc.release()  # type: ignore[attr-defined]
     code = int(status.Status) if status and "Status" in status else None
-    # 0xB000-0xB007 are warnings: stored, with coercion; count as delivered
-    if code is None or not (code == 0x0000 or 0xB000 <= code <= 0xB007):
+    if code not in STORE_DELIVERED:
         raise SendError(f"C-STORE {ds.SOPInstanceUID} to {peer.ae_title} answered "
                         f"{_hex(code)}", code)
 

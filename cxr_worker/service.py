@@ -9,8 +9,10 @@ lease, exit 0.
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,10 +20,14 @@ from typing import Any
 
 from sqlalchemy import Engine, make_url
 
-from cxr_worker import gate, receive, report, send
+from cxr_worker import gate, health, receive, report, send
+from cxr_worker.errors import StartupError
+from cxr_worker.http import HttpServer
 from cxr_worker.jobs import Jobs
+from cxr_worker.metrics import Metrics
+from cxr_worker.model import card as model_card
 from cxr_worker.pipeline import Pipeline
-from cxr_worker.score import Scorer, ThresholdChoice
+from cxr_worker.score import SHIPPED_MODEL_DIR, Scorer, ThresholdChoice
 from cxr_worker.settings import Settings
 from cxr_worker.spool import Spool
 from cxr_worker.worklist import queue, schema, site
@@ -58,16 +64,81 @@ def pacs_peer(s: Settings) -> send.Peer | None:
                      s.pacs.timeout_seconds)
 
 
+def model_dir(s: Settings) -> Path:
+    """The model folder (``model.path``, else the bundled model), checked to be one: a folder
+    holding ``model_card.json``. Raises :class:`StartupError` naming ``model.path``."""
+    if not s.model.path:
+        return SHIPPED_MODEL_DIR
+    path = Path(s.model.path).expanduser()
+    fix = f"set model.path to the folder that holds {model_card.CARD_FILE} and the .tflite file(s)"
+    if path.is_file():
+        raise StartupError(f"model.path {path}: is a file, not the model folder: {fix} "
+                           f"(here perhaps {path.parent})")
+    if not path.is_dir():
+        raise StartupError(f"model.path {path}: no such folder: {fix}")
+    if not (path / model_card.CARD_FILE).is_file():
+        raise StartupError(f"model.path {path}: no {model_card.CARD_FILE} in this folder: {fix}")
+    return path
+
+
+def _unloadable_member(folder: Path, card: dict[str, Any]) -> str:
+    """The first member file LiteRT cannot load (the error path of :func:`load_scorer`)."""
+    from cxr_worker.model.runtime import TFLiteScorer
+
+    for m in model_card.members(card):
+        try:
+            TFLiteScorer(folder / str(m["tflite"]), num_threads=1)
+        except (ValueError, RuntimeError):
+            return str(m["tflite"])
+    return "the model"
+
+
 def load_scorer(s: Settings, engine: Engine | None = None) -> Scorer:
     """The model, with the threshold in force: ``[model] threshold`` if set, else the site
     threshold recorded by ``calibrate --apply`` for this model version (looked up in
-    ``engine``'s worklist), else the model card's."""
-    scorer = Scorer(s.model.path or None, s.model.threshold, s.model.num_threads)
+    ``engine``'s worklist), else the model card's.
+
+    A model folder that is not one, or whose files LiteRT cannot load although their sha256
+    matches the card, raises :class:`StartupError` naming ``model.path`` and the file; a file
+    whose sha256 differs stays a :class:`~cxr_worker.errors.ModelIntegrityError`."""
+    folder = model_dir(s)
+    try:
+        scorer = Scorer(folder, s.model.threshold, s.model.num_threads)
+    except (ValueError, RuntimeError) as exc:  # LiteRT: "not a valid Flatbuffer buffer", ...
+        key = f"model.path {folder}" if s.model.path else f"the bundled model {folder}"
+        bad = _unloadable_member(folder, model_card.load_card(folder))
+        fix = ("point model.path at a model folder written by 'cxr-worker train'"
+               if s.model.path else "reinstall cxr-worker")
+        raise StartupError(f"{key}: {bad} cannot be loaded although its sha256 matches the "
+                           f"card ({exc}): {fix}") from exc
     if s.model.threshold is None and engine is not None:
         row = site.latest(engine, scorer.model_version)
         if row is not None:
             scorer.use_threshold(ThresholdChoice(row.threshold, site.describe(row)))
     return scorer
+
+
+def prepare_data_dir(s: Settings) -> Path:
+    """Create ``storage.data_dir`` and check that this user can write it; raises
+    :class:`StartupError` naming the key otherwise."""
+    path = s.data_dir
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise StartupError(
+            f"storage.data_dir {path}: cannot create or write it ({exc.strerror}): create it "
+            "writable for the worker's user, or set storage.data_dir "
+            "(CXR_WORKER__STORAGE__DATA_DIR) to a folder it can write") from exc
+    return path
+
+
+def open_worklist(s: Settings, migrate: bool = False) -> Engine:
+    """The worklist database (created under ``storage.data_dir`` unless ``database.url``)."""
+    if not s.database.url:
+        prepare_data_dir(s)
+    return schema.open_database(s.database_url, migrate=migrate)
 
 
 def existing_worklist(s: Settings) -> Engine | None:
@@ -76,16 +147,18 @@ def existing_worklist(s: Settings) -> Engine | None:
     if url.get_backend_name() == "sqlite" and (
             not url.database or url.database == ":memory:" or not Path(url.database).is_file()):
         return None
-    return schema.open_database(s.database_url)
+    return open_worklist(s)
 
 
 def build_pipeline(s: Settings, scorer: Scorer, engine: Engine, *,
-                   hold_results: bool = False, only_ids: set[int] | None = None) -> Pipeline:
+                   hold_results: bool = False, only_ids: set[int] | None = None,
+                   metrics: Metrics | None = None) -> Pipeline:
     retry = queue.RetryPolicy(s.jobs.lease_seconds, s.jobs.max_attempts,
                               s.jobs.retry_base_seconds, s.jobs.retry_max_seconds)
     return Pipeline(engine=engine, spool=Spool(s.data_dir), scorer=scorer,
                     gate_cfg=gate_config(s), report_cfg=report_config(s), retry=retry,
-                    pacs=pacs_peer(s), hold_results=hold_results, only_ids=only_ids)
+                    pacs=pacs_peer(s), hold_results=hold_results, only_ids=only_ids,
+                    metrics=metrics)
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -105,24 +178,79 @@ def raise_mmap_threshold(nbytes: int = 256 * 2**20) -> bool:
         return False
 
 
+def _listener_error(s: Settings, exc: OSError) -> StartupError:
+    where = f"listener.port {s.listener.port} on {s.listener.host}"
+    if exc.errno == errno.EADDRINUSE:
+        return StartupError(f"{where} is in use (another cxr-worker or program listens there): "
+                            "stop it, or set listener.port (CXR_WORKER__LISTENER__PORT)")
+    if exc.errno == errno.EACCES:
+        return StartupError(f"{where}: permission denied (ports below 1024 need privileges): "
+                            "set listener.port to 1024 or above")
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return StartupError(f"{where}: listener.host {s.listener.host} is not an address of "
+                            "this machine: set listener.host (0.0.0.0 for all)")
+    return StartupError(f"{where}: cannot listen ({exc.strerror or exc}): check listener.host "
+                        "and listener.port")
+
+
+def _http_error(s: Settings, exc: OSError) -> StartupError:
+    where = f"http.port {s.http.port} on {s.http.host}"
+    if exc.errno == errno.EADDRINUSE:
+        return StartupError(f"{where} is in use: stop what listens there, or set http.port "
+                            "(CXR_WORKER__HTTP__PORT), or http.enabled = false")
+    return StartupError(f"{where}: cannot listen ({exc.strerror or exc}): check http.host "
+                        "and http.port")
+
+
+def start_http(s: Settings, readiness: health.Readiness, metrics: Metrics) -> HttpServer | None:
+    """Bind and serve ``/healthz``, ``/readyz`` and ``/metrics`` (``[http]``), before the
+    database and the model so probes are answered during start-up; None when disabled."""
+    if not s.http.enabled:
+        return None
+    web = HttpServer(s.http.host, s.http.port)
+    health.add_routes(web, readiness, metrics)
+    try:
+        web.start()
+    except OSError as exc:
+        raise _http_error(s, exc) from exc
+    logger.info("health and metrics on http://%s:%d", *web.address)
+    return web
+
+
 def serve(s: Settings, migrate: bool = True) -> int:
     t0 = time.monotonic()
     raise_mmap_threshold()
-    s.data_dir.mkdir(parents=True, exist_ok=True)
-    engine = schema.open_database(s.database_url, migrate=migrate)
-    scorer = load_scorer(s, engine)
+    prepare_data_dir(s)
+    readiness, metrics = health.Readiness(), Metrics()
+    web = start_http(s, readiness, metrics)
+    engine = readiness.engine = open_worklist(s, migrate=migrate)
+    scorer = readiness.scorer = load_scorer(s, engine)
     warm = scorer.warm_up()
-    pipeline = build_pipeline(s, scorer, engine)
+    metrics.set_model(scorer.model_version, scorer.threshold)
+    pipeline = build_pipeline(s, scorer, engine, metrics=metrics)
+    readiness.spool_dir = pipeline.spool.spool_dir
+    peer = pacs_peer(s)
+    readiness.pacs = health.PacsEcho(peer) if peer is not None else None
+    metrics.watch_worklist(engine, s.pacs_configured, readiness.pacs)
     jobs = Jobs(pipeline, s.jobs.poll_seconds, s.storage.retention_days,
-                s.jobs.retention_interval_seconds)
+                s.jobs.retention_interval_seconds,
+                pacs_echo=readiness.pacs.run if readiness.pacs is not None else None)
     jobs.start()
     listener_cfg = receive.ListenerConfig(
         s.listener.ae_title, tuple(s.listener.allowed_calling_ae_titles),
         s.listener.accept_dx_for_processing)
     ae = receive.make_ae(listener_cfg)
-    server = ae.start_server(
-        (s.listener.host, s.listener.port), block=False,
-        evt_handlers=receive.handlers(pipeline.engine, pipeline.spool, jobs.wake))
+    try:
+        server = ae.start_server(
+            (s.listener.host, s.listener.port), block=False,
+            evt_handlers=receive.handlers(pipeline.engine, pipeline.spool, jobs.wake))
+    except OSError as exc:
+        jobs.stop()
+        queue.release_leases(pipeline.engine, pipeline.owner)
+        pipeline.engine.dispose()
+        if web is not None:
+            web.stop()
+        raise _listener_error(s, exc) from exc
     assert server is not None  # block=False returns the running server
     host, port = server.server_address[:2]
     logger.info(
@@ -147,5 +275,7 @@ def serve(s: Settings, migrate: bool = True) -> int:
     jobs.stop()  # the running drain finishes its current job
     released = queue.release_leases(pipeline.engine, pipeline.owner)
     pipeline.engine.dispose()
+    if web is not None:
+        web.stop()
     logger.info("stopped (%d leases released)", released)
     return 0

@@ -90,6 +90,24 @@ class Report:
 
 
 @dataclass
+class Http:
+    # health (/healthz, /readyz) and Prometheus metrics (/metrics); no token needed
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass
+class Logging:
+    # "text": one readable line per record; "json": one JSON object per line (time, level,
+    # logger, message, exception) for log shippers, third-party libraries' records included
+    format: str = "text"
+
+
+@dataclass
 class Settings:
     listener: Listener = field(default_factory=Listener)
     pacs: Pacs = field(default_factory=Pacs)
@@ -99,6 +117,8 @@ class Settings:
     gate: Gate = field(default_factory=Gate)
     jobs: Jobs = field(default_factory=Jobs)
     report: Report = field(default_factory=Report)
+    logging: Logging = field(default_factory=Logging)
+    http: Http = field(default_factory=Http)
 
     @property
     def data_dir(self) -> Path:
@@ -176,9 +196,12 @@ def _validate(s: Settings) -> None:
     for ae in s.listener.allowed_calling_ae_titles:
         if not _AE_RE.match(ae):
             raise ConfigError(f"listener.allowed_calling_ae_titles: {ae!r} is not an AE title")
-    for key, port in (("listener.port", s.listener.port), ("pacs.port", s.pacs.port)):
+    for key, port in (("listener.port", s.listener.port), ("pacs.port", s.pacs.port),
+                      ("http.port", s.http.port)):
         if not 0 <= port <= 65535:
             raise ConfigError(f"{key}: {port} is not a TCP port (0-65535)")
+    if s.http.enabled and not s.http.host:
+        raise ConfigError("http.host: required when http.enabled is true")
     if s.pacs_configured and not s.pacs.host:
         raise ConfigError("pacs.host: required when pacs.ae_title is set")
     _validate_processing(s)
@@ -205,6 +228,9 @@ def _validate_processing(s: Settings) -> None:
         raise ConfigError("gate.min_age_years: greater than gate.max_age_years")
     if s.model.num_threads < 1:
         raise ConfigError("model.num_threads: must be at least 1")
+    if s.logging.format not in LOG_FORMATS:
+        raise ConfigError(f"logging.format: {s.logging.format!r} is not one of "
+                          f"{', '.join(LOG_FORMATS)}")
 
 
 def load_settings(
@@ -219,6 +245,9 @@ def load_settings(
             raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as exc:  # a folder, no permission, not text
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise ConfigError(f"config file {path}: cannot read it ({reason})") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
     settings = Settings()

@@ -226,6 +226,8 @@ def worker_env(data_dir: Path, port: int, pacs: Orthanc | None, **extra: str) ->
         "CXR_WORKER__JOBS__RETRY_MAX_SECONDS": "2",
         "CXR_WORKER__JOBS__MAX_ATTEMPTS": "1000",
         "CXR_WORKER__JOBS__LEASE_SECONDS": "5",
+        # health/metrics server: a free port of its own, never the default 8080
+        "CXR_WORKER__HTTP__PORT": str(free_port()),
         "PYTHONUNBUFFERED": "1",
     })
     if pacs is not None:

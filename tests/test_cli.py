@@ -152,11 +152,12 @@ def test_worklist_empty_and_filters(env):
 
 
 def test_shipped_model_integrity_failure_is_reported(env, tmp_path):
+    from cxr_worker.model import card as model_card
     from cxr_worker.score import SHIPPED_MODEL_DIR
 
     broken = tmp_path / "model"
     shutil.copytree(SHIPPED_MODEL_DIR, broken)
-    tfl = broken / "pneumonia.tflite"
+    tfl = broken / model_card.members(model_card.load_card(broken))[0]["tflite"]
     tfl.write_bytes(tfl.read_bytes()[:-1] + b"\x00")
     res = run({**env, "CXR_WORKER__MODEL__PATH": str(broken)}, "score",
               str(SAMPLES / "cr_pa_normal_12bit.dcm"), rc=1)

@@ -26,14 +26,6 @@ def _validation_images(per_class: int = KERMANY_PER_CLASS) -> list[tuple[Path, i
     return out
 
 
-def _prepare(scorer: Scorer, grey: np.ndarray) -> np.ndarray:
-    """The input the scorer's model was trained on (its card's preprocessing contract)."""
-    prepare = getattr(scorer, "prepare", None)
-    if prepare is not None:
-        return np.asarray(prepare(grey))
-    return to_model_input(grey)
-
-
 def test_test_images_are_held_out_from_the_shipped_model():
     """tests/data/kermany_val was drawn from the validation side of the split with
     sample_dicom/make_test_data.py's seed and fraction; a model trained on another split may
@@ -41,17 +33,18 @@ def test_test_images_are_held_out_from_the_shipped_model():
     from make_test_data import SEED, VAL_FRACTION
 
     card = model_card.load_card(SHIPPED_MODEL_DIR)
-    assert int(card["training"]["seed"]) == SEED
-    assert float(card["training"]["val_fraction"]) == pytest.approx(VAL_FRACTION)
+    assert int(card["training_data"]["seed"]) == SEED
+    assert float(card["training_data"]["val_fraction"]) == pytest.approx(VAL_FRACTION)
     for cls in ("NORMAL", "PNEUMONIA"):
         assert len(list((KERMANY / cls).glob("*.jpeg"))) == KERMANY_PER_CLASS
 
 
 def test_shipped_model_matches_its_card():
     card = model_card.load_card(SHIPPED_MODEL_DIR)
-    for name in (model_card.KERAS_FILE, model_card.TFLITE_FILE):
-        path = model_card.verify_file(SHIPPED_MODEL_DIR, name, card)
-        assert path.stat().st_size < 15 * 2**20
+    for member in model_card.members(card):
+        for name in (member["keras"], member["tflite"]):
+            path = model_card.verify_file(SHIPPED_MODEL_DIR, name, card)
+            assert path.stat().st_size < 15 * 2**20
     assert 0 < card["threshold"] < 1
     assert card["validation"]["auc"] > 0.9
     assert card["validation"]["at_threshold"]["sensitivity"] >= 0.98
@@ -67,7 +60,7 @@ def test_shipped_model_separates_the_held_out_images():
     scorer.warm_up()
     assert scorer.ready
     items = _validation_images()
-    scores = [scorer.score(_prepare(scorer, load_grey_image(p))) for p, _ in items]
+    scores = [scorer.score_grey(load_grey_image(p)) for p, _ in items]
     y = [label for _, label in items]
     probs = [s.probability for s in scores]
     auc = metrics.roc_auc(y, probs)
@@ -79,16 +72,62 @@ def test_shipped_model_separates_the_held_out_images():
 
 
 def test_tflite_equals_keras_on_real_images():
+    """Each member's TFLite file (served) computes what its Keras file (trained) computes,
+    on its own preprocessing contract."""
     import keras
 
+    from cxr_worker.model.runtime import TFLiteScorer
+
     card = model_card.load_card(SHIPPED_MODEL_DIR)
-    model = keras.models.load_model(
-        model_card.verify_file(SHIPPED_MODEL_DIR, model_card.KERAS_FILE, card))
+    for member in model_card.members(card):
+        model = keras.models.load_model(
+            model_card.verify_file(SHIPPED_MODEL_DIR, member["keras"], card))
+        tfl = TFLiteScorer(SHIPPED_MODEL_DIR / member["tflite"])
+        xs = np.stack([to_model_input(load_grey_image(p), member["preprocessing_version"])
+                       for p, _ in _validation_images(8)])
+        keras_p = model.predict(xs, verbose=0).ravel()
+        tfl_p = np.array([tfl.predict(x) for x in xs])
+        assert np.abs(keras_p - tfl_p).max() < 1e-5, member["tflite"]
+
+
+def test_card_figures_are_recomputed_from_the_scores_behind_them():
+    """The card's validation figures follow from the raw served-runtime scores it records, and
+    the shipped model still gives those scores on the held-out images in tests/data."""
+    from cxr_worker.model.calibration import Platt, fit_platt
+
+    card = model_card.load_card(SHIPPED_MODEL_DIR)
+    val = card["validation"]
+    stored = val["scores"]
+    y = np.array(stored["labels"])
+    raw = np.array(stored["raw"])
+    fit = fit_platt(y, raw)
+    served = Platt.from_card(card)
+    assert (fit.a, fit.b) == (pytest.approx(served.a), pytest.approx(served.b))
+    p = served(raw)
+    assert metrics.roc_auc(y, p) == pytest.approx(val["auc"])
+    assert metrics.expected_calibration_error(y, p) == pytest.approx(
+        val["expected_calibration_error"])
+    assert val["expected_calibration_error"] <= 0.05
+    assert metrics.confusion(y, p, card["threshold"]).as_dict() == pytest.approx(
+        val["at_threshold"])
+    assert metrics.histogram(p) == pytest.approx(val["histogram"])
+    assert metrics.select_threshold(y, p, 0.98) == pytest.approx(
+        card["threshold_validation_only"])
+    # the shift-robust policy can only be as strict as validation alone, or stricter
+    assert card["threshold"] <= card["threshold_validation_only"]
+    assert val["conditions"][card["threshold_binding_condition"]]["sensitivity"] >= 0.98
+    assert all(c["sensitivity"] >= 0.98 for c in val["conditions"].values())
+
     scorer = Scorer()
-    xs = np.stack([to_model_input(load_grey_image(p)) for p, _ in _validation_images(8)])
-    keras_p = model.predict(xs, verbose=0).ravel()
-    tfl_p = np.array([scorer.score(x).probability for x in xs])
-    assert np.abs(keras_p - tfl_p).max() < 1e-5
+    by_file = dict(zip(stored["files"], stored["raw"], strict=True))
+    checked = 0
+    for path, label in _validation_images():
+        key = f"{('NORMAL', 'PNEUMONIA')[label]}/{path.name}"
+        if key in by_file:
+            assert scorer.score_grey(load_grey_image(path)).raw == pytest.approx(
+                by_file[key], abs=1e-5), key
+            checked += 1
+    assert checked == 2 * KERMANY_PER_CLASS, "tests/data is not from the card's validation split"
 
 
 def test_jpeg_and_the_same_pixels_as_dicom_score_the_same(tmp_path):
@@ -150,7 +189,8 @@ def test_train_and_evaluate_end_to_end_on_a_tiny_subset(tiny_data, backbone_weig
     out = tmp_path / "model"
     res = subprocess.run(
         [sys.executable, "-m", "cxr_worker.cli", "train", "--data", str(tiny_data),
-         "--weights", str(backbone_weights), "--out", str(out), "--head-epochs", "1",
+         "--weights", str(backbone_weights), "--out", str(out), "--members", "0.5:2,0.5:1",
+         "--head-epochs", "1",
          "--finetune-epochs", "1", "--steps-per-epoch", "1", "--batch-size", "8",
          "--val-fraction", "0.25"],
         capture_output=True, text=True, timeout=600, check=False)
@@ -159,9 +199,11 @@ def test_train_and_evaluate_end_to_end_on_a_tiny_subset(tiny_data, backbone_weig
     card = json.loads((out / model_card.CARD_FILE).read_text())
     counts = card["training_data"]
     assert counts["train_counts"]["NORMAL"] + counts["validation_counts"]["NORMAL"] == 16
-    assert card["files"][model_card.TFLITE_FILE]["max_abs_diff_vs_keras"] < 1e-5
+    assert [m["preprocessing_version"] for m in card["members"]] == [2, 1]
+    assert all(m["max_abs_diff_vs_keras"] < 1e-5 for m in card["members"])
+    assert "calibration" in card and 0 < card["threshold"] < 1
     scorer = Scorer(out)  # the card's hashes match the files written
-    assert 0 <= scorer.score(np.zeros((224, 224, 3), np.float32)).probability <= 1
+    assert 0 <= scorer.score_grey(np.zeros((300, 200), np.float32)).probability <= 1
 
     ev = tmp_path / "eval"
     res = subprocess.run(
@@ -186,10 +228,11 @@ def test_gradcam_heatmap():
     from cxr_worker.training.gradcam import gradcam, overlay
 
     card = model_card.load_card(SHIPPED_MODEL_DIR)
+    member = model_card.members(card)[0]
     model = keras.models.load_model(
-        model_card.verify_file(SHIPPED_MODEL_DIR, model_card.KERAS_FILE, card))
+        model_card.verify_file(SHIPPED_MODEL_DIR, member["keras"], card))
     grey = load_grey_image(sorted((KERMANY / "PNEUMONIA").iterdir())[3])
-    heat = gradcam(model, to_model_input(grey))
+    heat = gradcam(model, to_model_input(grey, member["preprocessing_version"]))
     assert heat.shape == (224, 224) and heat.min() >= 0 and 0.9 < heat.max() <= 1.0
     assert heat.std() > 0.01, "a flat heatmap explains nothing"
     rgb = overlay(grey.astype(np.float32), heat)

@@ -25,8 +25,9 @@ def test_deploy_example_is_valid_and_complete():
     s = load_settings(REPO / "deploy" / "cxr-worker.toml", environ={})
     assert s.listener.port == 11112
     text = (REPO / "deploy" / "cxr-worker.toml").read_text()
+    assert s.logging.format == "text"
     for key in ("ae_title", "host", "port", "allowed_calling_ae_titles", "url", "data_dir",
-                "path", "threshold"):
+                "path", "threshold", "format"):
         assert f"{key} =" in text or f"# {key} =" in text, key
 
 
@@ -66,6 +67,8 @@ def test_config_path_from_environment(tmp_path):
          "listener.accept_dx_for_processing"),
         ("", {"CXR_WORKER__NOPE__X": "1"}, "CXR_WORKER__NOPE__X"),
         ('[report]\nuid_prefix = "1.2.3"\n', {}, "report.uid_prefix"),
+        ('[logging]\nformat = "xml"\n', {}, "logging.format"),
+        ("", {"CXR_WORKER__LOGGING__FORMAT": "JSON "}, "logging.format"),
     ],
 )
 def test_invalid_settings_name_the_key(tmp_path, toml, env, key):
@@ -81,3 +84,8 @@ def test_invalid_toml_is_reported(tmp_path):
     cfg.write_text("[listener\nport=1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(cfg, environ={})
+
+
+def test_unreadable_config_file_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read it"):
+        load_settings(tmp_path, environ={})  # a folder, not a file

@@ -31,10 +31,10 @@ def _pg_engine() -> Engine:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request, tmp_path) -> Iterator[Engine]:
+def blank_engine(request, tmp_path) -> Iterator[Engine]:
+    """An empty database: a new SQLite file, or a throwaway PostgreSQL schema."""
     if request.param == "sqlite":
         eng = queue.make_engine(f"sqlite:///{tmp_path / 'w.db'}")
-        schema.upgrade(eng)
         yield eng
         eng.dispose()
         return
@@ -43,12 +43,17 @@ def engine(request, tmp_path) -> Iterator[Engine]:
     with base.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
         c.execute(text(f'CREATE SCHEMA "{name}"'))
     eng = queue.make_engine(PG_URL + f"?options=-csearch_path%3D{name}")
-    schema.upgrade(eng)
     yield eng
     eng.dispose()
     with base.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
         c.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
     base.dispose()
+
+
+@pytest.fixture
+def engine(blank_engine) -> Engine:
+    schema.upgrade(blank_engine)
+    return blank_engine
 
 
 def _add(engine: Engine, n: int, study: str | None = None, **kw) -> list[str]:
@@ -123,6 +128,49 @@ def test_migration_0002_population_from_0001_rows(engine):
         "1.1": True, "1.2": False, "1.3": False, "1.4": False}
     schema.upgrade(engine)
     assert schema.current_revision(engine) == schema.head_revision()
+
+
+INSTANCE_COLUMNS_0001 = (
+    "id, sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid, "
+    "accession_number, calling_ae_title, transfer_syntax_uid, spool_path, status, reason, "
+    "attempts, send_attempts, next_attempt_at, lease_owner, lease_expires_at, probability, "
+    "label, threshold, model_version, result_sop_instance_uid, result_path, received_at, "
+    "scored_at, sent_at")  # every column of revision 0001 but outside_population
+
+
+def test_upgrade_from_a_database_created_at_0001(blank_engine):
+    """A worklist created by the first release (schema built at 0001, never at a later
+    revision) with the rows that release wrote: upgraded to head, every row keeps every
+    value, and outside_population becomes population ("outside" where it was true)."""
+    engine = blank_engine
+    assert schema.upgrade(engine, "0001") == "0001"
+    written = {"1.1": (True, "sent"), "1.2": (False, "sent"), "1.3": (False, "received"),
+               "1.4": (True, "failed"), "1.5": (True, "scored")}
+    with engine.begin() as c:
+        for sop, (outside, status) in written.items():
+            _insert_0001_row(c, sop, outside, status)
+    select = text(f"SELECT {INSTANCE_COLUMNS_0001} FROM instances ORDER BY id")
+    with engine.connect() as c:
+        before = [tuple(r) for r in c.execute(select)]
+    assert len(before) == len(written)
+
+    assert schema.upgrade(engine) == schema.head_revision()
+
+    with engine.connect() as c:
+        after = [tuple(r) for r in c.execute(select)]
+        population = dict(c.execute(text(
+            "SELECT sop_instance_uid, population FROM instances")).all())
+    assert after == before
+    assert population == {sop: "outside" if outside else "in_population"
+                          for sop, (outside, _) in written.items()}
+    assert "site_thresholds" in inspect(engine).get_table_names()
+    # the code of this version works on them: the triage list, and the queue picks up the
+    # image that was still waiting
+    by_study = {r.study_instance_uid: r for r in studies.triage_list(engine, limit=None)}
+    assert by_study["9.1.1"].population == "outside" and by_study["9.1.1"].status == "sent"
+    assert by_study["9.1.2"].population == "in_population"
+    job = queue.claim(engine, "process", "w", 60)
+    assert job is not None and job.sop_instance_uid == "1.3"
 
 
 def _insert_0001_row_0002(conn, sop: str) -> None:

@@ -31,6 +31,18 @@ POPULATION = (
 )
 
 
+def members(card: dict[str, Any]) -> list[dict[str, Any]]:
+    """The networks the served score averages (on the logit scale), each with its files and
+    its preprocessing contract version. A card without ``members`` (one network) describes
+    ``pneumonia.tflite`` / ``pneumonia.keras`` with the card's own contract version."""
+    listed = card.get("members")
+    if listed:
+        return list(listed)
+    pre = card.get("preprocessing")
+    version = int(pre.get("version", 1)) if isinstance(pre, dict) else 1
+    return [{"tflite": TFLITE_FILE, "keras": KERAS_FILE, "preprocessing_version": version}]
+
+
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -116,6 +128,37 @@ def _reliability_table(bins: list[dict[str, Any]]) -> list[str]:
             "|---|---|---|---|", *rows, ""]
 
 
+def _members_table(listed: list[dict[str, Any]]) -> list[str]:
+    if not listed:
+        return []
+    rows = []
+    for m in listed:
+        diff = m.get("max_abs_diff_vs_keras")
+        history = json.loads(m.get("training", {}).get("history", "[]"))
+        epochs = len(history)
+        rows.append(f"| `{m['tflite']}` | {m.get('alpha', '-')} | {m['preprocessing_version']} | "
+                    f"{epochs} | {m.get('training', {}).get('seconds_total', '-')} | "
+                    f"{f'{diff:.1e}' if isinstance(diff, float) else '-'} |")
+    return ["", "Members (the served score is the sigmoid of their mean logit):", "",
+            "| network | alpha | contract version | epochs | training s | max abs diff TFLite "
+            "vs Keras |", "|---|---|---|---|---|---|", *rows]
+
+
+def _levers(rows: list[dict[str, Any]]) -> list[str]:
+    """What was tried on the way to this model, measured on the same validation split and
+    shift battery with the same threshold policy (each row: a network or ensemble)."""
+    if not rows:
+        return []
+    lines = ["## Levers tried (same split, same shift battery, same threshold policy)", "",
+             "| candidate | validation AUC | specificity (validation) | specificity under "
+             "shifts: mean / worst | shipped |", "|---|---|---|---|---|"]
+    lines += [f"| {r['candidate']} | {r['auc']:.4f} | {r['specificity']:.3f} | "
+              f"{r['shift_specificity_mean']:.3f} / {r['shift_specificity_worst']:.3f} | "
+              f"{'yes' if r.get('shipped') else 'no'} |" for r in rows]
+    return [*lines, "", *[f"- {r['candidate']}: {r['note']}" for r in rows if r.get("note")],
+            ""]
+
+
 def render_markdown(card: dict[str, Any]) -> str:
     val = card.get("validation", {})
     at = val.get("at_threshold", {})
@@ -135,11 +178,12 @@ def render_markdown(card: dict[str, Any]) -> str:
         card.get("architecture", ""),
         "",
         "## Preprocessing and calibration",
-        f"- preprocessing contract version {pre.get('version', 1)}: {pre.get('description', '')}"
+        f"- preprocessing: {pre.get('description', '')}"
         if isinstance(pre, dict) else f"- preprocessing: {pre}",
         f"- calibration: Platt scaling, p = sigmoid({cal.get('a', 1.0):.4f} * logit(raw) + "
         f"{cal.get('b', 0.0):.4f}), fitted on {cal.get('fitted_on', '-')}" if cal else
         "- calibration: none (raw sigmoid output)",
+        *_members_table(card.get("members", [])),
         "",
         "## Files",
         *[f"- `{name}`: sha256 `{meta['sha256']}`" for name, meta in card["files"].items()],
@@ -162,7 +206,8 @@ def render_markdown(card: dict[str, Any]) -> str:
         f"(before calibration {_fmt(val.get('expected_calibration_error_uncalibrated'))})",
         *[f"- {k}: {_fmt(v)}" for k, v in at.items()],
         f"- positive rate band over the conditions below (prevalence "
-        f"{_fmt(val.get('prevalence'))}): {val.get('positive_rate_band')}",
+        f"{_fmt(val.get('prevalence'))}): "
+        f"{' - '.join(f'{v:.3f}' for v in val.get('positive_rate_band', []))}",
         "",
         "Validation images come from the same acquisitions as the training images and flatter the "
         "model; expect lower specificity on other sites' images, and calibrate the site's own "
@@ -171,7 +216,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         *_conditions_table(val.get("conditions", {})),
         *_tradeoff_table(val.get("tradeoff", [])),
         *_reliability_table(val.get("reliability", [])),
-        *card.get("notes", []),
+        *_levers(card.get("levers", [])),
         "## Training",
         *[f"- {k}: {_fmt(v)}" for k, v in card.get("training", {}).items()],
         "",

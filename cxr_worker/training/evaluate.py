@@ -9,6 +9,7 @@ diagram.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +28,24 @@ CASE_NAMES = {
 }
 
 
-def score_folder(data_dir: Path, scorer: Scorer) -> tuple[Any, Any, list[str]]:
+def score_folder(data_dir: Path, scorer: Scorer,
+                 progress: bool | None = None) -> tuple[Any, Any, list[str]]:
+    """Labels, probabilities and paths; a progress bar on a terminal (``progress`` None)."""
+    from tqdm import tqdm
+
     samples = list_samples(data_dir)
-    probs = np.array([scorer.score_grey(load_grey_image(s.path)).probability for s in samples])
+    show = sys.stderr.isatty() if progress is None else progress
+    probs = np.array([scorer.score_grey(load_grey_image(s.path)).probability
+                      for s in tqdm(samples, desc="scoring", unit="image", disable=not show)])
     labels = np.array([s.label for s in samples])
     return labels, probs, [str(s.path) for s in samples]
 
 
 def evaluate(data_dir: Path, out_dir: Path | None, model_dir: str | None = None,
-             threshold: float | None = None, shifts: bool = False) -> dict[str, Any]:
+             threshold: float | None = None, shifts: bool = False, *,
+             progress: bool | None = None) -> dict[str, Any]:
     scorer = Scorer(model_dir, threshold)
-    y, p, _ = score_folder(data_dir, scorer)
+    y, p, _ = score_folder(data_dir, scorer, progress)
     conf = metrics.confusion(y, p, scorer.threshold)
     result: dict[str, Any] = {
         "model_version": scorer.model_version,
@@ -56,8 +64,7 @@ def evaluate(data_dir: Path, out_dir: Path | None, model_dir: str | None = None,
 
         images = [load_grey_image(s.path).astype(np.float32) for s in list_samples(data_dir)]
         result["under_simulated_shifts"] = shift_report(
-            lambda x: scorer.score(x).probability, images, y, scorer.threshold,
-            scorer.preprocessing_version)
+            lambda g: scorer.score_grey(g).probability, images, y, scorer.threshold)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -22,7 +22,9 @@ training again.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,6 @@ import numpy as np
 from cxr_worker.model import card as model_card
 from cxr_worker.model import metrics
 from cxr_worker.model.calibration import fit_platt
-from cxr_worker.model.preprocess import CONTRACT_VERSION
 
 TRADEOFF_THRESHOLDS = (0.05, 0.10, 0.20, 0.30, 0.40, 0.50, 0.60, 0.70, 0.80, 0.90, 0.95)
 
@@ -46,23 +47,64 @@ class FinalizeConfig:
     min_sensitivity: float = 0.98
 
 
-def finalize(model_dir: Path, cfg: FinalizeConfig) -> dict[str, Any]:
-    from cxr_worker.model.runtime import TFLiteScorer
+def _gather_members(model_dir: Path, member_dirs: list[Path]) -> list[dict[str, Any]]:
+    """Copy each trained network into ``model_dir`` (``member1.tflite`` ...) and describe it."""
+    from cxr_worker.training.train import TRAINING_RECORD
+
+    out: list[dict[str, Any]] = []
+    for i, src in enumerate(member_dirs, start=1):
+        record = json.loads((src / TRAINING_RECORD).read_text())
+        names = {"tflite": f"member{i}.tflite", "keras": f"member{i}.keras"}
+        if src.resolve() != model_dir.resolve() or len(member_dirs) > 1:
+            shutil.copyfile(src / model_card.TFLITE_FILE, model_dir / names["tflite"])
+            shutil.copyfile(src / model_card.KERAS_FILE, model_dir / names["keras"])
+        else:  # a single network trained in place keeps its file names
+            names = {"tflite": model_card.TFLITE_FILE, "keras": model_card.KERAS_FILE}
+        out.append({**names, "alpha": float(record["alpha"]),
+                    "preprocessing_version": int(record["preprocessing_version"]),
+                    "record": record})
+    return out
+
+
+def finalize(model_dir: Path, cfg: FinalizeConfig,
+             member_dirs: list[Path] | None = None) -> dict[str, Any]:
+    """Write ``model_dir``'s card for the networks trained in ``member_dirs`` (default: the
+    one network trained in ``model_dir`` itself)."""
+    from cxr_worker.score import Scorer
     from cxr_worker.training import data
     from cxr_worker.training.robustness import VALIDATION, condition_scores
-    from cxr_worker.training.train import TRAINING_RECORD, load_split
+    from cxr_worker.training.train import load_split
 
-    record = json.loads((model_dir / TRAINING_RECORD).read_text())
-    version = int(record.get("preprocessing_version", CONTRACT_VERSION))
+    model_dir.mkdir(parents=True, exist_ok=True)
+    members = _gather_members(model_dir, member_dirs or [model_dir])
+    files = {}
+    for m in members:
+        for kind in ("tflite", "keras"):
+            path = model_dir / m[kind]
+            files[m[kind]] = {"sha256": model_card.sha256_file(path),
+                              "bytes": path.stat().st_size}
+    # a provisional card lets the serving code itself score: what the card says is what runs
+    provisional = {"model_version": "provisional", "threshold": 0.5, "files": files,
+                   "members": [{k: m[k] for k in ("tflite", "keras", "preprocessing_version")}
+                               for m in members]}
+    model_card.write_card(model_dir, provisional)
+    scorer = Scorer(model_dir)
+
     train_s, val_s = load_split(cfg.data_dir, cfg.seed, cfg.val_fraction, cfg.max_images)
     x_va, y_va = data.load_arrays(val_s)
-    tflite_path = model_dir / model_card.TFLITE_FILE
-    tfl = TFLiteScorer(tflite_path)
     print("scoring validation under each simulated acquisition shift ...", flush=True)
-    raw = condition_scores(tfl.predict, [x.astype(np.float32) for x in x_va], version)
-    p_keras = np.asarray(record.get("validation_probabilities_keras", []), dtype=np.float64)
-    max_diff = (float(np.abs(raw[VALIDATION] - p_keras).max())
-                if p_keras.size == raw[VALIDATION].size else None)
+    raw = condition_scores(lambda g: scorer.raw_score(scorer.prepare(g)),
+                           [x.astype(np.float32) for x in x_va])
+    for m in members:  # TFLite against Keras, per network, on unshifted validation
+        p_keras = np.asarray(m["record"].get("validation_probabilities_keras", []))
+        if p_keras.size == len(x_va):
+            from cxr_worker.model.preprocess import to_model_input
+            from cxr_worker.model.runtime import TFLiteScorer
+
+            rt = TFLiteScorer(model_dir / m["tflite"])
+            p_tfl = np.array([rt.predict(to_model_input(x, m["preprocessing_version"]))
+                              for x in x_va])
+            m["max_abs_diff_vs_keras"] = float(np.abs(p_tfl - p_keras).max())
 
     platt = fit_platt(y_va, raw[VALIDATION])
     cal = {name: platt(p) for name, p in raw.items()}
@@ -85,11 +127,11 @@ def finalize(model_dir: Path, cfg: FinalizeConfig) -> dict[str, Any]:
     val_p = cal[VALIDATION]
     conf = metrics.confusion(y_va, val_p, threshold)
     rates = [v["positive_rate"] for v in conditions.values()]
-    keras_sha = model_card.sha256_file(model_dir / model_card.KERAS_FILE)
+    digest = hashlib.sha256("".join(files[m["keras"]]["sha256"] for m in members).encode())
     date = dt.datetime.now(dt.UTC)
-    alpha = float(record["alpha"])
+    alphas = "-".join(f"a{m['alpha']:g}v{m['preprocessing_version']}" for m in members)
     card: dict[str, Any] = {
-        "model_version": f"cxr-pneumonia-mnv2-a{alpha:g}-{date:%Y%m%d}-{keras_sha[:8]}",
+        "model_version": f"cxr-pneumonia-mnv2-{alphas}-{date:%Y%m%d}-{digest.hexdigest()[:8]}",
         "created": date.isoformat(timespec="seconds"),
         "threshold": threshold,
         "threshold_policy": (
@@ -103,33 +145,36 @@ def finalize(model_dir: Path, cfg: FinalizeConfig) -> dict[str, Any]:
         "calibration": {**platt.as_dict(), "fitted_on": "validation (unshifted)"},
         "preprocessing": {
             "function": "cxr_worker.model.preprocess.to_model_input",
-            "version": version,
-            "description": ("squash to 224x224, global histogram equalisation, grey x3"
-                             if version >= 2 else "squash to 224x224, grey x3"),
+            "versions": sorted({m["preprocessing_version"] for m in members}),
+            "description": "squash to 224x224, grey x3; contract version 2 adds global "
+            "histogram equalisation after the squash (per member, see members)",
         },
-        "files": {
-            model_card.KERAS_FILE: {"sha256": keras_sha,
-                                    "bytes": (model_dir / model_card.KERAS_FILE).stat().st_size},
-            model_card.TFLITE_FILE: {"sha256": model_card.sha256_file(tflite_path),
-                                     "bytes": tflite_path.stat().st_size,
-                                     "max_abs_diff_vs_keras": max_diff},
-        },
+        "members": [
+            {"tflite": m["tflite"], "keras": m["keras"], "alpha": m["alpha"],
+             "preprocessing_version": m["preprocessing_version"],
+             "max_abs_diff_vs_keras": m.get("max_abs_diff_vs_keras"),
+             "training": m["record"]["training"]}
+            for m in members],
+        "files": files,
         "architecture": (
-            f"Rescaling([0,255]->[-1,1]) -> MobileNetV2(alpha={alpha:g}, ImageNet weights, "
+            f"{len(members)} network(s), each Rescaling([0,255]->[-1,1]) -> MobileNetV2(alpha "
+            f"{', '.join(format(m['alpha'], 'g') for m in members)}, ImageNet weights, "
             "include_top=False) -> GlobalAveragePooling -> Dense(100, relu) -> Dropout(0.6) -> "
             "Dense(50, relu) -> Dense(1, sigmoid); Adam; binary cross-entropy. Served "
-            "probability: Platt-scaled sigmoid output."),
+            "probability: sigmoid of the members' mean logit, Platt-scaled."),
         "intended_use": model_card.INTENDED_USE,
         "population": model_card.POPULATION,
         "training_data": {
             "source": "Kermany et al. 2018 (Cell 172(5)), Mendeley Data doi:10.17632/rscbjbr9sj.2, "
             "CC BY 4.0; training split, 224x224 copy",
-            "train_counts": record["train_counts"],
+            "train_counts": members[0]["record"]["train_counts"],
             "validation_counts": {"NORMAL": int((y_va == 0).sum()),
                                   "PNEUMONIA": int(y_va.sum())},
             "split": f"stratified, grouped by patient, {cfg.val_fraction:.0%} validation, "
             f"seed {cfg.seed}; byte-identical duplicates dropped",
             "file_list_sha256": data.file_list_hash(train_s + val_s),
+            "seed": cfg.seed,
+            "val_fraction": cfg.val_fraction,
         },
         "validation": {
             "auc": metrics.roc_auc(y_va, val_p),
@@ -152,7 +197,8 @@ def finalize(model_dir: Path, cfg: FinalizeConfig) -> dict[str, Any]:
                 "raw": [float(v) for v in raw[VALIDATION]],
             },
         },
-        "training": record["training"],
+        "training": {"seconds_total": round(sum(
+            float(m["record"]["training"]["seconds_total"]) for m in members), 1)},
     }
     model_card.write_card(model_dir, card)
     print(f"model version {card['model_version']}; validation AUC "

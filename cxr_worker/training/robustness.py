@@ -84,27 +84,24 @@ VALIDATION = "validation"
 
 
 def condition_scores(
-    score: Callable[[NDArray[np.float32]], float], images: list[Grey], version: int
+    score_grey: Callable[[Grey], float], images: list[Grey]
 ) -> dict[str, NDArray[np.float64]]:
     """Scores of every image unshifted (``validation``) and under each shift.
 
-    ``images`` are raw grey images (before the contract); ``version`` is the model's
-    preprocessing contract version.
+    ``images`` are raw grey images (display values, before the preprocessing contract);
+    ``score_grey`` applies the model's own contract (e.g. ``Scorer.score_grey``).
     """
-    from cxr_worker.model.preprocess import to_model_input
-
     conditions: dict[str, Callable[[Grey], Any]] = {VALIDATION: lambda g: g, **SHIFTS}
-    return {name: np.array([score(to_model_input(shift(g), version)) for g in images])
+    return {name: np.array([score_grey(shift(g)) for g in images])
             for name, shift in conditions.items()}
 
 
 def shift_report(
-    score: Callable[[NDArray[np.float32]], float], images: list[Grey], labels: Any,
-    threshold: float, version: int,
+    score_grey: Callable[[Grey], float], images: list[Grey], labels: Any, threshold: float,
 ) -> dict[str, dict[str, float]]:
     """AUC, sensitivity and specificity at ``threshold`` under each shift."""
     out: dict[str, dict[str, float]] = {}
-    for name, p in condition_scores(score, images, version).items():
+    for name, p in condition_scores(score_grey, images).items():
         if name == VALIDATION:
             continue
         c = metrics.confusion(labels, p, threshold)

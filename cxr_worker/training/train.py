@@ -40,7 +40,7 @@ class TrainConfig:
     out_dir: Path
     alpha: float = 0.5
     head_epochs: int = 2
-    finetune_epochs: int = 3
+    finetune_epochs: int = 4
     batch_size: int = 32
     seed: int = 0
     val_fraction: float = 0.15
@@ -48,6 +48,42 @@ class TrainConfig:
     max_images: int | None = None  # for smoke runs: a stratified subset of this size
     steps_per_epoch: int | None = None  # for smoke runs: cap the batches per epoch
     preprocessing_version: int = CONTRACT_VERSION
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One network of the shipped ensemble: backbone width and preprocessing contract."""
+
+    alpha: float = 0.5
+    preprocessing_version: int = CONTRACT_VERSION
+
+    @classmethod
+    def parse(cls, text: str) -> tuple[MemberSpec, ...]:
+        """``"0.5:2,0.5:1"`` -> two members (alpha:contract version)."""
+        out = []
+        for part in filter(None, (x.strip() for x in text.split(","))):
+            alpha, _, version = part.partition(":")
+            out.append(cls(float(alpha), int(version or CONTRACT_VERSION)))
+        if not out:
+            raise ValueError("no member given")
+        return tuple(out)
+
+
+DEFAULT_MEMBERS = (MemberSpec(0.5, 1),)
+"""The shipped recipe (see the model card for the measurements behind it)."""
+
+WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_224_no_top.h5"
+
+
+def weights_for(weights: Path, alpha: float) -> Path:
+    """The ImageNet file for ``alpha``: ``weights`` itself, or its official name in a folder."""
+    if weights.is_dir():
+        path = weights / WEIGHTS_FILE.format(alpha=f"{alpha:.2f}".rstrip("0").rstrip(".")
+                                             if alpha != 1 else "1.0")
+        if not path.is_file():
+            raise FileNotFoundError(f"--weights {weights}: no {path.name} for alpha {alpha:g}")
+        return path
+    return weights
 
 
 def _subset(samples: list[data.Sample], n: int, seed: int) -> list[data.Sample]:
@@ -120,14 +156,25 @@ def load_split(data_dir: Path, seed: int, val_fraction: float, max_images: int |
     return data.split_by_patient(samples, val_fraction, seed)
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Train, then choose the operating point and write the model card."""
+def run(cfg: TrainConfig, members: tuple[MemberSpec, ...] = DEFAULT_MEMBERS
+        ) -> dict[str, Any]:
+    """Train each member (into ``out/member-N/``), then choose the operating point of their
+    ensemble and write the model card into ``out``."""
+    from dataclasses import replace
+
     from cxr_worker.training.finalize import FinalizeConfig, finalize
 
-    train_model(cfg)
+    dirs = []
+    for i, m in enumerate(members, start=1):
+        member_dir = cfg.out_dir / f"member-{i}"
+        print(f"member {i}/{len(members)}: alpha {m.alpha:g}, preprocessing contract "
+              f"version {m.preprocessing_version}", flush=True)
+        train_model(replace(cfg, alpha=m.alpha, preprocessing_version=m.preprocessing_version,
+                            weights=weights_for(cfg.weights, m.alpha), out_dir=member_dir))
+        dirs.append(member_dir)
     return finalize(cfg.out_dir, FinalizeConfig(
         data_dir=cfg.data_dir, seed=cfg.seed, val_fraction=cfg.val_fraction,
-        max_images=cfg.max_images, min_sensitivity=cfg.min_sensitivity))
+        max_images=cfg.max_images, min_sensitivity=cfg.min_sensitivity), dirs)
 
 
 def train_model(cfg: TrainConfig) -> dict[str, Any]:

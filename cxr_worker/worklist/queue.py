@@ -58,6 +58,8 @@ class Job:
     send_attempts: int
     result_path: str | None
     result_sop_instance_uid: str | None
+    received_at: dt.datetime
+    next_attempt_at: dt.datetime  # when the claimed job became due (time-to-flag metrics)
 
     @classmethod
     def of(cls, row: Instance) -> Job:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, make_url
+from sqlalchemy import Engine, exc, make_url
 
-from cxr_worker.errors import CxrWorkerError
+from cxr_worker.errors import CxrWorkerError, StartupError
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -57,13 +59,61 @@ def ensure_sqlite_folder(url: str) -> None:
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
 
 
+def masked(url: str) -> str:
+    """The URL with its password hidden (``***``), as it may be shown; the text itself when it
+    is not a URL."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except exc.ArgumentError:
+        return url
+
+
+_DRIVER_ADVICE = ("use postgresql+psycopg://user:password@host/db (pip install "
+                  "'cxr-worker[postgres]'), or leave it empty for SQLite under storage.data_dir")
+
+
+@contextmanager
+def named_errors(url: str) -> Iterator[None]:
+    """Turn the ways a database URL fails at start-up into one :class:`StartupError` naming
+    ``database.url`` (password masked) and what to do."""
+    shown = masked(url)
+    try:
+        yield
+    except exc.NoSuchModuleError as e:  # e.g. postgres:// (SQLAlchemy wants postgresql://)
+        scheme = url.split(":", 1)[0]
+        raise StartupError(f"database.url {shown}: SQLAlchemy has no dialect for {scheme}://: "
+                           f"{_DRIVER_ADVICE}") from e
+    except exc.ArgumentError as e:
+        raise StartupError(f"database.url {shown}: not a database URL ({e}): "
+                           f"{_DRIVER_ADVICE}") from e
+    except ModuleNotFoundError as e:
+        raise StartupError(f"database.url {shown}: driver module {e.name!r} is not installed: "
+                           f"{_DRIVER_ADVICE}") from e
+    except (exc.OperationalError, exc.InterfaceError) as e:
+        reason = " ".join(str(e.orig or e).split())  # the driver's words, on one line
+        if url.startswith("sqlite"):
+            raise StartupError(f"database.url {shown}: cannot open ({reason}): check that its "
+                               "folder exists and the worker's user can write it") from e
+        raise StartupError(f"database.url {shown}: cannot connect ({reason}): check that the "
+                           "database server runs and the host, port, user and password") from e
+    except OSError as e:  # the folder of an SQLite file
+        raise StartupError(f"database.url {shown}: cannot create its folder {e.filename} "
+                           f"({e.strerror}): use a folder the worker can create and write") from e
+
+
 def open_database(url: str, migrate: bool = False) -> Engine:
     """The worklist engine, ready to use.
 
     The embedded SQLite file (and its folder) is created and migrated on first use; a server
     database is migrated only when ``migrate`` (``serve`` and ``db upgrade`` do), and otherwise
-    must be at the head revision already.
+    must be at the head revision already. A URL that cannot be used raises
+    :class:`StartupError` (:func:`named_errors`).
     """
+    with named_errors(url):
+        return _open_database(url, migrate)
+
+
+def _open_database(url: str, migrate: bool) -> Engine:
     from cxr_worker.worklist.queue import make_engine
 
     ensure_sqlite_folder(url)
