@@ -33,6 +33,15 @@ SAMPLES = REPO / "sample_dicom"
 sys.path.insert(0, str(SAMPLES))
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+CLI = [sys.executable, "-m", "cxr_worker.cli"]
+
+
+def run_cli(env: dict[str, str], *args: str, rc: int = 0) -> subprocess.CompletedProcess[str]:
+    """``cxr-worker ARGS`` as a user runs it (a subprocess); asserts its exit code."""
+    res = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=300,
+                         check=False)
+    assert res.returncode == rc, f"exit {res.returncode}\n{res.stdout}\n{res.stderr}"
+    return res
 
 
 def free_port() -> int:
@@ -53,7 +62,10 @@ def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: flo
 
 
 def need(tool: str) -> str:
-    path = shutil.which(tool)
+    """The Debian package's tool: ``/usr/bin`` first, so that pynetdicom's own ``storescu`` /
+    ``echoscu`` in an activated venv never stand in for dcmtk's."""
+    system = Path("/usr/bin") / tool
+    path = str(system) if system.is_file() else shutil.which(tool)
     if path is None:
         pytest.fail(f"{tool} is not installed (.ci/run installs it with apt-get)")
     return path
@@ -349,3 +361,9 @@ def make_images(tmp_path: Path) -> Callable[..., list[Path]]:
         return files
 
     return make
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """A worker environment on a fresh data folder and a free port, no PACS."""
+    return worker_env(tmp_path / "data", free_port(), None)

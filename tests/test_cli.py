@@ -5,28 +5,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
-from conftest import KERMANY, SAMPLES, free_port, worker_env
+from conftest import KERMANY, SAMPLES, free_port
+from conftest import run_cli as run
 from PIL import Image
 from pydicom import dcmread
-
-CLI = [sys.executable, "-m", "cxr_worker.cli"]
-
-
-def run(env, *args, rc=0):
-    res = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=300,
-                         check=False)
-    assert res.returncode == rc, f"exit {res.returncode}\n{res.stdout}\n{res.stderr}"
-    return res
-
-
-@pytest.fixture
-def env(tmp_path):
-    return worker_env(tmp_path / "data", free_port(), None)
 
 
 def test_help_for_every_command(env):

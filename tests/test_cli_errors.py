@@ -10,22 +10,16 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import SAMPLES, free_port, worker_env
+from conftest import CLI, SAMPLES, free_port
+from conftest import run_cli as run
 
-CLI = [sys.executable, "-m", "cxr_worker.cli"]
 DICOM = SAMPLES / "cr_pa_normal_12bit.dcm"
 
 
-def run(env, *args, rc=0):
-    res = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=300,
-                         check=False)
-    assert res.returncode == rc, f"exit {res.returncode}\n{res.stdout}\n{res.stderr}"
-    return res
 
 
 def one_line(res) -> str:
@@ -46,9 +40,6 @@ def error_line(res) -> str:
     return last
 
 
-@pytest.fixture
-def env(tmp_path):
-    return worker_env(tmp_path / "data", free_port(), None)
 
 
 # -- storage.data_dir ---------------------------------------------------------------------

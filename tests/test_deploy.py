@@ -14,23 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port, worker_env
+from conftest import CLI, REPO, free_port
+from conftest import run_cli as run
 
-CLI = [sys.executable, "-m", "cxr_worker.cli"]
 UNIT = REPO / "deploy" / "cxr-worker.service"
 CONFORMANCE = REPO / "docs" / "conformance.md"
 
 
-def run(env: dict[str, str], *args: str, rc: int = 0) -> subprocess.CompletedProcess[str]:
-    res = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=300,
-                         check=False)
-    assert res.returncode == rc, f"exit {res.returncode}\n{res.stdout}\n{res.stderr}"
-    return res
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> dict[str, str]:
-    return worker_env(tmp_path / "data", free_port(), None)
 
 
 # -- systemd unit ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import Orthanc, need, storescu, wait_until
+from conftest import DCMTK_ENV, REPO, SAMPLES, Orthanc, need, storescu, wait_until
 from pydicom import dcmread
 
 from cxr_worker.report import SERIES_DESCRIPTION
@@ -160,6 +160,28 @@ def test_sigterm_exits_0_and_echo_works(make_worker):
     assert res.returncode == 0, res.stderr
     assert worker.cli("echo", "--self").returncode == 0
     assert worker.stop(signal.SIGTERM) == 0
+
+
+def test_the_readme_storescu_line_sends_every_sample(make_worker):
+    """The README's "send it the samples" line, run as written (port substituted)."""
+    import re
+    import shlex
+
+    readme = (REPO / "README.md").read_text()
+    line = re.search(r"^storescu -aec CXR_WORKER .*$", readme, re.M)
+    assert line, "the README lost its storescu line"
+    words = shlex.split(line.group(0).split("&&")[0])
+    worker = make_worker()
+    samples = sorted(str(p.relative_to(REPO)) for p in SAMPLES.glob("*.dcm"))
+    args = [w for w in words[1:] if w != "sample_dicom/*.dcm"]
+    args[args.index("11112")] = str(worker.port)
+    res = subprocess.run([need("storescu"), *args, *samples], cwd=REPO, env=DCMTK_ENV,
+                         capture_output=True, text=True, timeout=120, check=False)
+    assert res.returncode == 0, res.stderr
+    rows = wait_until(lambda: (r := worker.worklist()) and len(r) == len(samples)
+                      and all(x["status"] != "pending" for x in r) and r, 60, "every sample")
+    assert sorted(r["status"] for r in rows).count("not_scored") == 1  # the lateral view
+    assert any("view_position" in (r["reason"] or "") for r in rows)
 
 
 def test_calling_ae_title_outside_allow_list_is_rejected(make_worker, make_images):

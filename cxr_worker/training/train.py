@@ -69,7 +69,7 @@ class MemberSpec:
         return tuple(out)
 
 
-DEFAULT_MEMBERS = (MemberSpec(0.5, 1),)
+DEFAULT_MEMBERS = (MemberSpec(1.0, 1),)
 """The shipped recipe (see the model card for the measurements behind it)."""
 
 WEIGHTS_FILE = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{alpha}_224_no_top.h5"
