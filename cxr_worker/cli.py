@@ -397,10 +397,10 @@ environment:
 exit codes:
   0  success
   1  the command ran but something failed (an input not scored, a peer
-     that did not answer, a replay with failures, a model file whose
-     sha256 differs from its card)
+     that did not answer, a database server not answering, a replay with
+     failures, a model file whose sha256 differs from its card)
   2  usage or configuration errors: an invalid setting, or one naming what
-     cannot be used (data_dir, port, database, model folder, input file)
+     cannot be used (data_dir, port, database URL, model folder, input file)
 
 Errors are one line on stderr; --log-level DEBUG adds the traceback.
 """
@@ -606,7 +606,7 @@ def _explain(exc: Exception) -> tuple[str, int]:
     if isinstance(exc, ConfigError):
         return f"configuration error: {exc}", EXIT_USAGE
     if isinstance(exc, StartupError):
-        return str(exc), EXIT_USAGE
+        return str(exc), EXIT_FAILED if exc.transient else EXIT_USAGE
     if isinstance(exc, CxrWorkerError):
         return str(exc), EXIT_FAILED
     if isinstance(exc, OSError):  # a disk or file problem no stage named: say which file

@@ -39,7 +39,15 @@ class StartupError(CxrWorkerError):
 
     The message names the key (``storage.data_dir``, ``listener.port``, ``database.url``,
     ``model.path``) or the argument, the value (passwords masked) and what to do.
+
+    ``transient``: the setting may be right and the peer not there yet (a database server
+    that does not answer): exit 1, so that systemd restarts the worker
+    (``RestartPreventExitStatus=2`` stops it only for errors a restart cannot fix).
     """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class ModelIntegrityError(CxrWorkerError):

@@ -95,7 +95,8 @@ def named_errors(url: str) -> Iterator[None]:
             raise StartupError(f"database.url {shown}: cannot open ({reason}): check that its "
                                "folder exists and the worker's user can write it") from e
         raise StartupError(f"database.url {shown}: cannot connect ({reason}): check that the "
-                           "database server runs and the host, port, user and password") from e
+                           "database server runs and the host, port, user and password",
+                           transient=True) from e
     except OSError as e:  # the folder of an SQLite file
         raise StartupError(f"database.url {shown}: cannot create its folder {e.filename} "
                            f"({e.strerror}): use a folder the worker can create and write") from e
