@@ -41,12 +41,10 @@ def test_separable_data_gives_a_finite_slope():
     assert 0 < fit.a < 10 and fit(np.array([0.999]))[0] < 0.999
 
 
-def test_one_inverse_and_identity():
+def test_one_and_identity():
     f = Platt(1.7, -0.3)
     for raw in (1e-9, 0.02, 0.5, 0.93, 1 - 1e-9):
         assert f.one(raw) == pytest.approx(float(f(np.array([raw]))[0]))
-    for raw in (0.001, 0.02, 0.5, 0.93, 0.999):
-        assert f.inverse(f.one(raw)) == pytest.approx(raw, rel=1e-6)
     assert Platt().one(0.37) == pytest.approx(0.37)
     assert float(logit(0.5)) == 0.0
 

@@ -48,10 +48,6 @@ class Platt:
         z = self.a * float(logit(raw)) + self.b
         return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
 
-    def inverse(self, p: float) -> float:
-        """The raw score that maps to ``p`` (to show a calibrated threshold on the raw scale)."""
-        return float(_sigmoid(np.array((float(logit(p)) - self.b) / self.a)))
-
     def as_dict(self) -> dict[str, float | str]:
         return {"method": "platt", "a": self.a, "b": self.b}
 
