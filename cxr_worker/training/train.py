@@ -1,6 +1,11 @@
 """``cxr-worker train``: fine-tune the reference architecture and write model + card.
 
-Schedule (chosen by measurement on the 2-core CPU, see the model card for figures):
+The model is one or more networks ("members", ``--members alpha:contract_version``; the shipped
+recipe :data:`DEFAULT_MEMBERS` is one alpha 1.0 network on contract 1), each trained by
+:func:`train_model` into ``out/member-N/``; :func:`cxr_worker.training.finalize.finalize` then
+calibrates the ensemble, chooses its operating point and writes the card into ``out``.
+
+Schedule of each member (chosen by measurement on the 2-core CPU, see the model card):
 
 1. head only: the ImageNet backbone frozen, Adam 1e-3, ``head_epochs`` epochs;
 2. fine-tune: the whole backbone trainable except BatchNorm statistics (kept frozen: small
@@ -9,8 +14,8 @@ Schedule (chosen by measurement on the 2-core CPU, see the model card for figure
 
 Both stages use class weights (the set is 74% pneumonia) and the acquisition-imitating
 augmentation of :mod:`cxr_worker.training.augment`. Validation is a stratified, patient-grouped
-split of the given data (fixed seed). The decision threshold is chosen on validation by
-:func:`cxr_worker.model.metrics.select_threshold`.
+split of the given data (fixed seed). The decision threshold is chosen by the finalize step
+(:func:`cxr_worker.model.metrics.select_threshold_robust`).
 """
 
 from __future__ import annotations
