@@ -6,6 +6,16 @@ that did not answer, a replay with failures); 2 usage or configuration errors.
 Every failure a user can cause ends as ONE line on stderr naming the key, path, port or URL and
 what to do (:func:`main` catches the worker's error tree, :mod:`cxr_worker.errors`); the
 traceback is logged only with ``--log-level DEBUG``.
+
+Text output shows what a sender wrote (accession numbers, UIDs, gate reasons, file names)
+through :func:`cxr_worker.text.escape_text`: an escape sequence in an accession number is
+shown as ``\\x1b``, never sent to the reader's terminal. ``--json`` output is escaped by
+``json.dumps`` (ESC as ``\\u001b``).
+
+Files are private: every command but ``train`` and ``evaluate`` runs with umask 077, so what
+it creates under ``storage.data_dir`` (spooled images, results, quarantine, the SQLite
+worklist and its -wal/-shm) is mode 0600 in folders of mode 0700: patient data, whatever
+umask the shell or unit started it with (the systemd unit sets ``UMask=0077`` too).
 """
 
 from __future__ import annotations
@@ -14,9 +24,9 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import sys
 import textwrap
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +34,7 @@ from typing import Any
 from cxr_worker import __version__, logs
 from cxr_worker.errors import ConfigError, CxrWorkerError, StartupError
 from cxr_worker.settings import CONFIG_ENV, ENV_PREFIX, Settings, load_settings
+from cxr_worker.text import escape_text
 
 logger = logging.getLogger("cxr_worker")
 
@@ -45,11 +56,11 @@ def _log_format(args: argparse.Namespace) -> str:
 
 def _err(message: str, level: int = logging.ERROR) -> None:
     """One line for the user on stderr (a JSON log record with ``[logging] format = "json"``,
-    so stderr stays JSON lines)."""
+    so stderr stays JSON lines); escaped, as it may quote a file name or a sender's value."""
     if logs.json_enabled():
         logger.log(level, "%s", message)
     else:
-        print(message, file=sys.stderr, flush=True)
+        print(escape_text(message), file=sys.stderr, flush=True)
 
 
 def open_worklist(s: Settings) -> Any:
@@ -172,9 +183,12 @@ def cmd_worklist(args: argparse.Namespace) -> int:
         if r.reason and r.status != "sent":
             extra += f" ({r.reason})"
         label = r.label if r.status != "not_scored" else "NOT SCORED"
+        # the accession, the UID and the reason are the sender's text: escaped
+        accession = escape_text(r.accession_number or "-")
         print(f"{label:<22} {population:<28} {prob:>6} {r.status:<10} "
-              f"{r.accession_number or '-':<16} {_t(r.received_at):<19} {_t(r.scored_at):<19} "
-              f"{_t(r.sent_at):<19} {r.study_instance_uid} {extra}".rstrip())
+              f"{accession:<16} {_t(r.received_at):<19} {_t(r.scored_at):<19} "
+              f"{_t(r.sent_at):<19} {escape_text(r.study_instance_uid)} "
+              f"{escape_text(extra)}".rstrip())
     if not rows:
         print("(no studies)")
     return EXIT_OK
@@ -237,12 +251,12 @@ def cmd_score(args: argparse.Namespace) -> int:
         elif res.get("reason") == inputs.NOT_AN_IMAGE:
             _err(f"{p}: {inputs.NOT_AN_IMAGE}")
         elif res["scored"]:
-            print(f"{p}: {res['label']} | {res['population_text']} | "
+            print(f"{escape_text(str(p))}: {res['label']} | {res['population_text']} | "
                   f"p={format_probability(res['probability'])} "
                   f"(threshold {format_threshold(res['threshold'])}, "
                   f"{res['threshold_source']}; {res['model_version']})")
         else:
-            print(f"{p}: NOT SCORED: {res['reason']}")
+            print(escape_text(f"{p}: NOT SCORED: {res['reason']}"))
     return EXIT_FAILED if failures else EXIT_OK
 
 
@@ -263,7 +277,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
         else:
             shown = {k: repr(format_probability(v)) if k == "probability" else v
                      for k, v in r.items() if v is not None}  # probability='> 0.99'
-            print(" ".join(f"{k}={v}" for k, v in shown.items()))
+            print(" ".join(f"{k}={escape_text(str(v))}" for k, v in shown.items()))
     if not results:
         _err("nothing to replay")
         return EXIT_FAILED
@@ -340,12 +354,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rep)
         return EXIT_OK
-    n = rep["n"]
-    print(f"{rep['data']}: {n['NORMAL']} NORMAL, {n['PNEUMONIA']} PNEUMONIA scored; "
+    n, data = rep["n"], escape_text(str(rep["data"]))
+    print(f"{data}: {n['NORMAL']} NORMAL, {n['PNEUMONIA']} PNEUMONIA scored; "
           f"{n['refused']} refused by the gate; {n['skipped_not_images']} non-image files "
           f"skipped; AUC {rep['auc']:.3f}")
     for r in rep["refused"]:
-        print(f"  refused: {r['path']}: {r['reason']}")
+        print(escape_text(f"  refused: {r['path']}: {r['reason']}"))
     lo, hi = rep["threshold_ci95"]
     print(f"site threshold for sensitivity >= {rep['target_sensitivity']:.2f}: "
           f"{rep['threshold']:.4f} (bootstrap 95% CI {lo:.4f}-{hi:.4f})")
@@ -381,7 +395,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(st)
     else:
-        print("\n".join(stats.render(st)))
+        print("\n".join(escape_text(line) for line in stats.render(st)))  # reasons: escaped
     return EXIT_OK
 
 
@@ -580,19 +594,26 @@ def _add_model_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     sp.set_defaults(func=cmd_evaluate)
 
 
+# commands whose files are not patient data and are meant to be shared: a trained model
+# folder is installed for the service's user, evaluation plots are read by others
+SHARED_OUTPUT_COMMANDS = ("train", "evaluate")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command not in SHARED_OUTPUT_COMMANDS:
+        # before anything is created: spool, results, quarantine and the SQLite worklist are
+        # patient data, readable by this user only whatever umask the caller had
+        os.umask(0o077)
     logs.configure(getattr(args, "log_level", "INFO"), _log_format(args))
     for noisy in ("pynetdicom", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # a wake-up while the drain job runs is "skipped: maximum number of running instances",
     # expected every time images arrive faster than they are scored; job errors stay visible
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
-    # pydicom's warnings about invalid values quote the value, which may be a patient's name
-    # or ID: keep them out of the logs (our own messages name UIDs only)
-    logging.getLogger("pydicom").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\.")
+    # pydicom's warnings quote invalid values (a patient's name, birth date): logs.configure
+    # keeps them out
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

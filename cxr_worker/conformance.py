@@ -133,7 +133,9 @@ def statement() -> str:
         f"C-ECHO always answers {_hex(receive.STATUS_SUCCESS)}. A C-STORE is answered "
         f"{_hex(receive.STATUS_SUCCESS)} only after the file is durable; scoring and sending "
         "the result happen later, outside the association. A duplicate SOP Instance UID "
-        "replaces the stored file and is processed again.",
+        "of the same study and patient replaces the stored file and is processed again; "
+        f"one held for another study or patient is refused with "
+        f"{_hex(receive.STATUS_UID_CONFLICT)}.",
         "",
         "## 3. As SCU: sending results to the PACS",
         "",

@@ -248,9 +248,36 @@ def modality_lut(ds: Dataset, stored: NDArray[Any]) -> FloatImage:
     """Rescale slope/intercept, or the Modality LUT Sequence (PS3.3 C.11.1)."""
     if "ModalityLUTSequence" in ds and len(ds.ModalityLUTSequence):
         return _apply_lut(ds, ds.ModalityLUTSequence[0], stored)
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    slope, intercept = rescale(ds)
     return stored.astype(np.float64) * slope + intercept
+
+
+def _rescale_value(ds: Dataset, keyword: str, name: str, default: float) -> float:
+    value = ds.get(keyword)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default  # absent or empty: the identity
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise DecodeError(f"{name} ({keyword}) is not a number") from exc
+    if not np.isfinite(number):
+        raise DecodeError(f"{name} ({keyword}) is not finite ({number})")
+    return number
+
+
+def rescale(ds: Dataset) -> tuple[float, float]:
+    """Rescale Slope and Intercept; absent or empty means 1 and 0.
+
+    Why: a slope of 0 (or NaN, inf) was taken as 1 (``value or 1.0``) and the image scored
+    as if the header said nothing; a slope of 0 maps every pixel to one value, so the header
+    is wrong, and which way is unknown: refused with the attribute named.
+    """
+    slope = _rescale_value(ds, "RescaleSlope", "Rescale Slope", 1.0)
+    intercept = _rescale_value(ds, "RescaleIntercept", "Rescale Intercept", 0.0)
+    if slope == 0:
+        raise DecodeError("Rescale Slope (RescaleSlope) is 0: every pixel would map to the "
+                          "intercept")
+    return slope, intercept
 
 
 def _little_endian(ds: Dataset) -> bool:
@@ -344,8 +371,7 @@ def voi(ds: Dataset, values: FloatImage, mask: NDArray[np.bool_] | None) -> Floa
         function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR")
         return voi_window(values, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
     bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)))
-    has_rescale = "ModalityLUTSequence" in ds or float(ds.get("RescaleSlope", 1) or 1) != 1 \
-        or float(ds.get("RescaleIntercept", 0) or 0) != 0
+    has_rescale = "ModalityLUTSequence" in ds or rescale(ds) != (1.0, 0.0)
     if bits_stored <= 8 and not has_rescale and int(ds.get("PixelRepresentation", 0)) == 0:
         return values / 255.0
     sample = values[~mask] if mask is not None and (~mask).any() else values.ravel()

@@ -14,6 +14,7 @@
     │   │   └── UnsupportedTransferSyntaxError
     │   └── QuarantinedError   not scored, and the file moved to the quarantine folder
     ├── SpoolError             the spool could not store a dataset durably
+    ├── UIDConflictError       a SOP Instance UID already held for another study or patient
     └── SendError              the PACS refused or could not be reached (retried later)
 
 Every error that reaches the worklist or a CLI's JSON carries a short, patient-free reason.
@@ -97,6 +98,13 @@ class QuarantinedError(NotScoredError):
 
 class SpoolError(CxrWorkerError):
     """A received dataset could not be stored durably."""
+
+
+class UIDConflictError(CxrWorkerError):
+    """A received SOP Instance UID is held for another study or patient; the row is kept.
+
+    The message names UIDs only (never the Patient ID, which is compared as a hash).
+    """
 
 
 class SendError(CxrWorkerError):

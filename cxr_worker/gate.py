@@ -17,6 +17,11 @@ Rules, in order (each configurable in ``[gate]``/``[listener]``; see README "The
   population". By default outside and unknown images are scored and labelled as such;
   ``gate.refuse_outside_age_range`` refuses ``outside``, ``gate.refuse_unknown_age`` refuses
   ``unknown`` (rule ``patient_age``).
+
+Reasons are stored in the worklist and logged: they quote only the value the rule checked
+(SOP Class, Modality, Body Part Examined, View Position; escaped and cut to 64 characters by
+:func:`cxr_worker.text.quote_value`, the sender writes them), and never a patient's name, ID
+or birth date (the age rule names the computed age, not the dates it came from).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from pydicom.dataset import Dataset
 
 from cxr_worker.errors import OutOfScopeError
 from cxr_worker.labels import Population
+from cxr_worker.text import quote_value
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
@@ -193,7 +199,8 @@ def check(ds: Dataset, cfg: GateConfig) -> GateResult:
     allowed = {CR, DX_PRESENTATION, SECONDARY_CAPTURE} | (
         {DX_PROCESSING} if cfg.accept_dx_for_processing else set())
     if sop_class not in allowed:
-        raise OutOfScopeError("sop_class", f"SOP Class {sop_class} is not a radiograph we score")
+        raise OutOfScopeError("sop_class",
+                              f"SOP Class {quote_value(sop_class)} is not a radiograph we score")
 
     image_type = [str(v).upper() for v in ds.get("ImageType", [])]
     # Series Number compared as text: an invalid IS value (pydicom keeps "abc" as a string)
@@ -209,21 +216,24 @@ def check(ds: Dataset, cfg: GateConfig) -> GateResult:
 
     modality = str(ds.get("Modality", "")).upper()
     if modality not in ("CR", "DX"):
-        raise OutOfScopeError("modality", f"Modality {modality or '(absent)'} is not CR or DX")
+        raise OutOfScopeError(
+            "modality", f"Modality {quote_value(modality) or '(absent)'} is not CR or DX")
 
     body_part = str(ds.get("BodyPartExamined", "") or "").strip().upper()
     if cfg.require_body_part_chest:
         if not body_part and not cfg.allow_missing_body_part:
             raise OutOfScopeError("body_part", "Body Part Examined absent")
         if body_part and body_part != "CHEST":
-            raise OutOfScopeError("body_part", f"Body Part Examined {body_part} is not CHEST")
+            raise OutOfScopeError(
+                "body_part", f"Body Part Examined {quote_value(body_part)} is not CHEST")
 
     view = str(ds.get("ViewPosition", "") or "").strip().upper()
     if not view and not cfg.allow_missing_view_position:
         raise OutOfScopeError("view_position", "View Position absent")
     if view and view not in cfg.view_positions:
         raise OutOfScopeError(
-            "view_position", f"View Position {view} (only {'/'.join(cfg.view_positions)} scored)")
+            "view_position",
+            f"View Position {quote_value(view)} (only {'/'.join(cfg.view_positions)} scored)")
 
     intent = str(ds.get("PresentationIntentType", "") or "").strip().upper()
     if intent == "FOR PROCESSING" and not cfg.accept_dx_for_processing:

@@ -5,6 +5,8 @@ A job's outcome is always written to the worklist:
 
 - gate refusal: ``not_scored`` with the rule and reason; the file stays in the spool;
 - unreadable or undecodable file: ``not_scored`` with the reason, the file moved to quarantine;
+- a result that cannot be built from the source's header (highdicom refuses a value it
+  copies): ``not_scored``, at once (it would fail the same way on every attempt);
 - unexpected error: retried with exponential backoff, then ``failed`` (dead letter);
 - scored: the Secondary Capture is written under ``results/`` before the row says ``scored``,
   then sent (when a PACS is configured) until the PACS accepts it.
@@ -123,12 +125,19 @@ class Pipeline:
         with m.stage("score"):
             score = self.scorer.score(x)
         with m.stage("report"):
-            sc = report.build_secondary_capture(
-                ds, display, probability=score.probability, label=score.label,
-                threshold=score.threshold, model_version=score.model_version,
-                cfg=self.report_cfg, population=gate_result.population,
-                population_text=gate_result.population_text,
-                threshold_source=score.threshold_source)
+            try:
+                sc = report.build_secondary_capture(
+                    ds, display, probability=score.probability, label=score.label,
+                    threshold=score.threshold, model_version=score.model_version,
+                    cfg=self.report_cfg, population=gate_result.population,
+                    population_text=gate_result.population_text,
+                    threshold_source=score.threshold_source)
+            except (ValueError, TypeError) as exc:
+                # highdicom refuses a source value it copies: the same on every attempt, so
+                # not retried; the message is not quoted (it may quote patient data)
+                raise NotScoredError(
+                    f"the result cannot be built from this image's patient or study "
+                    f"attributes ({type(exc).__name__}; the value is not shown)") from None
             result_path = self.spool.result_path(job.study_instance_uid, job.sop_instance_uid)
             atomic_write(result_path, lambda f: sc.save_as(f, enforce_file_format=True))
         scored = queue.mark_scored(

@@ -6,15 +6,27 @@ job row, then answer 0x0000. It never decodes pixels or scores. Failures are DIC
 never exceptions (PS3.4 Annex B.2.3 / GG.4):
 
 - 0xA700 Refused: Out of Resources, when the file or the row cannot be written (disk full);
-- 0xA900 Error: Data Set does not match SOP Class, when it has no Pixel Data or no UIDs;
-- 0xC210 Error: Cannot understand, when the data set cannot be parsed at all.
+- 0xA900 Error: Data Set does not match SOP Class, when it has no Pixel Data, or a SOP Class,
+  SOP Instance, Study or Series Instance UID is missing or not a valid UID (PS3.5 9.1: at most
+  64 characters, digits and dots, no empty component, no leading zero); checked before
+  anything is written, so that no such value reaches a file name, the worklist (PostgreSQL
+  holds 64 characters) or a result. A900 rather than a Cxxx code: the value breaks the IOD's
+  Type 1 rule as a missing UID does, and the sender should not retry it;
+- 0xC210 Error: Cannot understand, when the data set cannot be parsed at all;
+- 0xC211 Error: Cannot understand (this worker's code in the C000-CFFF range), when the SOP
+  Instance UID is already held for another study or another patient: the existing row and
+  file are kept and the conflict is logged (UIDs only; the Patient ID is compared as a hash).
+  A re-send for the same study and patient is a success and is processed again.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
@@ -32,8 +44,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlalchemy import Engine
 
-from cxr_worker.errors import SpoolError
-from cxr_worker.spool import Spool, atomic_write
+from cxr_worker.errors import SpoolError, UIDConflictError
+from cxr_worker.spool import Spool, atomic_write, is_valid_uid
 from cxr_worker.worklist import queue
 
 logger = logging.getLogger(__name__)
@@ -42,6 +54,7 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
+STATUS_UID_CONFLICT = 0xC211
 
 # every status the handlers return, with its meaning for the sender (the conformance
 # statement, ``cxr-worker conformance``, is generated from this table)
@@ -52,9 +65,15 @@ STORE_STATUSES: dict[int, str] = {
                              "written (disk full, database down); the sender keeps the image "
                              "and should retry later",
     STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS: "Error: Data Set does not match SOP Class: no "
-                                             "Pixel Data, or no SOP Instance, Study Instance "
-                                             "or Series Instance UID",
+                                             "Pixel Data, or a SOP Class, SOP Instance, Study "
+                                             "Instance or Series Instance UID missing or not a "
+                                             "valid UID (PS3.5 9.1: at most 64 characters, "
+                                             "digits and dots, no empty component, no leading "
+                                             "zero); nothing is written",
     STATUS_CANNOT_UNDERSTAND: "Error: Cannot understand: the data set cannot be parsed",
+    STATUS_UID_CONFLICT: "Error: Cannot understand: the SOP Instance UID is already held for "
+                         "another study or patient; the image held is kept, nothing is "
+                         "written (a re-send for the same study and patient succeeds)",
 }
 
 ACCEPTED_STORAGE = (
@@ -144,18 +163,43 @@ def read_header(event: Any) -> Dataset:
                         defer_size=HEADER_DEFER_BYTES)
 
 
+UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+# Stores of one SOP Instance UID run one at a time (a modality re-sending on several
+# associations at once): the conflict check, the file and the row stay together. Striped, so
+# the table stays bounded; two UIDs sharing a stripe only wait for each other.
+_UID_LOCKS = tuple(threading.Lock() for _ in range(256))
+
+
+def _uid_lock(sop_uid: str) -> threading.Lock:
+    return _UID_LOCKS[zlib.crc32(sop_uid.encode("ascii", "replace")) % len(_UID_LOCKS)]
+
+
+def invalid_uids(ds: Dataset) -> list[str]:
+    """The UID attributes of ``ds`` that are missing or not valid UIDs (keywords only: the
+    values came from the peer and may be anything)."""
+    bad = []
+    for keyword in UID_KEYWORDS:
+        value = ds.get(keyword)
+        if value is None or not isinstance(value, str) or not is_valid_uid(str(value)):
+            bad.append(keyword)
+    return bad
+
+
 def handle_store(event: Any, engine: Engine, spool: Spool, on_stored: Callable[[], None]) -> int:
-    """C-STORE: spool durably, insert the row, acknowledge."""
+    """C-STORE: validate the UIDs, spool durably, insert the row, acknowledge."""
     try:
         ds = read_header(event)
+        bad = invalid_uids(ds)
+        if bad:
+            logger.warning("C-STORE refused: %s missing or not a valid UID", ", ".join(bad))
+            return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
         sop_uid = str(ds.SOPInstanceUID)
         study_uid = str(ds.StudyInstanceUID)
         series_uid = str(ds.SeriesInstanceUID)
         has_pixels = "PixelData" in ds
         accession = str(ds.get("AccessionNumber", "") or "")[:16]
-    except AttributeError as exc:
-        logger.warning("C-STORE refused: data set lacks %s", exc)
-        return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
+        key = queue.patient_key(sop_uid, str(ds.get("PatientID", "") or ""))
     except Exception:
         logger.exception("C-STORE refused: cannot parse the data set")
         return STATUS_CANNOT_UNDERSTAND
@@ -163,19 +207,33 @@ def handle_store(event: Any, engine: Engine, spool: Spool, on_stored: Callable[[
         logger.warning("C-STORE refused: %s has no Pixel Data", sop_uid)
         return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
     path = spool.image_path(study_uid, sop_uid)
+    values = {
+        "sop_instance_uid": sop_uid,
+        "sop_class_uid": str(event.request.AffectedSOPClassUID),
+        "study_instance_uid": study_uid,
+        "series_instance_uid": series_uid,
+        "accession_number": accession,
+        "calling_ae_title": str(event.assoc.requestor.ae_title).strip(),
+        "transfer_syntax_uid": str(event.file_meta.TransferSyntaxUID),
+        "spool_path": str(path),
+        "patient_key": key,
+    }
+    status = _spool_and_record(event, engine, path, values)
+    if status == STATUS_SUCCESS:
+        on_stored()
+    return status
+
+
+def _spool_and_record(event: Any, engine: Engine, path: Path, values: dict[str, str]) -> int:
+    sop_uid = values["sop_instance_uid"]
     try:
-        atomic_write(path, _write_part10(event))
-        _, new = queue.enqueue(
-            engine,
-            sop_instance_uid=sop_uid,
-            sop_class_uid=str(event.request.AffectedSOPClassUID),
-            study_instance_uid=study_uid,
-            series_instance_uid=series_uid,
-            accession_number=accession,
-            calling_ae_title=str(event.assoc.requestor.ae_title).strip(),
-            transfer_syntax_uid=str(event.file_meta.TransferSyntaxUID),
-            spool_path=str(path),
-        )
+        with _uid_lock(sop_uid):
+            queue.check_conflict(engine, **values)  # before the file held is replaced
+            atomic_write(path, _write_part10(event))
+            _, new = queue.enqueue(engine, **values)
+    except UIDConflictError as exc:
+        logger.warning("C-STORE %s refused: %s", sop_uid, exc)
+        return STATUS_UID_CONFLICT
     except SpoolError:
         logger.exception("C-STORE %s refused: out of resources", sop_uid)
         return STATUS_OUT_OF_RESOURCES
@@ -183,8 +241,8 @@ def handle_store(event: Any, engine: Engine, spool: Spool, on_stored: Callable[[
         # the database is down or full: the sender keeps the image and retries
         logger.exception("C-STORE %s refused: cannot record the job", sop_uid)
         return STATUS_OUT_OF_RESOURCES
-    logger.info("received %s (study %s)%s", sop_uid, study_uid, "" if new else " again")
-    on_stored()
+    logger.info("received %s (study %s)%s", sop_uid, values["study_instance_uid"],
+                "" if new else " again")
     return STATUS_SUCCESS
 
 

@@ -27,6 +27,8 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from cxr_worker import inputs, logs
+from cxr_worker.errors import UIDConflictError
+from cxr_worker.receive import invalid_uids
 from cxr_worker.settings import Settings
 from cxr_worker.spool import Spool, atomic_write
 from cxr_worker.worklist import queue
@@ -48,8 +50,13 @@ def _enqueue_file(engine: Engine, spool: Spool, path: Path) -> tuple[int | None,
         return None, {"path": str(path), "status": "error", "reason": inputs.NOT_DICOM}
     try:
         ds = dcmread(path, stop_before_pixels=True)
+        bad = invalid_uids(ds)  # as the listener: no such value reaches a name or the worklist
+        if bad:
+            return None, {"path": str(path), "status": "error",
+                          "reason": f"{', '.join(bad)} missing or not a valid UID"}
         sop_uid, study_uid = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
         series_uid = str(ds.SeriesInstanceUID)
+        key = queue.patient_key(sop_uid, str(ds.get("PatientID", "") or ""))
     except (InvalidDicomError, AttributeError, EOFError, ValueError, KeyError) as exc:
         return None, {"path": str(path), "status": "error", "reason": f"not a DICOM image: {exc}"}
     dest = spool.image_path(study_uid, sop_uid)
@@ -58,13 +65,19 @@ def _enqueue_file(engine: Engine, spool: Spool, path: Path) -> tuple[int | None,
     def write(f: BinaryIO) -> None:
         f.write(data)
 
-    atomic_write(dest, write)
-    row_id, _ = queue.enqueue(
-        engine, sop_instance_uid=sop_uid, sop_class_uid=str(ds.get("SOPClassUID", "")),
-        study_instance_uid=study_uid, series_instance_uid=series_uid,
-        accession_number=str(ds.get("AccessionNumber", "") or "")[:16],
-        calling_ae_title="REPLAY", spool_path=str(dest),
-        transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")))
+    values: dict[str, Any] = {
+        "sop_instance_uid": sop_uid, "sop_class_uid": str(ds.SOPClassUID),
+        "study_instance_uid": study_uid, "series_instance_uid": series_uid,
+        "accession_number": str(ds.get("AccessionNumber", "") or "")[:16],
+        "calling_ae_title": "REPLAY", "spool_path": str(dest),
+        "transfer_syntax_uid": str(ds.file_meta.get("TransferSyntaxUID", "")),
+        "patient_key": key}
+    try:
+        queue.check_conflict(engine, **values)  # before the file held is replaced
+        atomic_write(dest, write)
+        row_id, _ = queue.enqueue(engine, **values)
+    except UIDConflictError as exc:
+        return None, {"path": str(path), "status": "error", "reason": str(exc)}
     return row_id, {}
 
 

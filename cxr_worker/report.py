@@ -11,25 +11,38 @@
   an amber strip when not in population), probability and threshold (two decimals), model
   version and "NOT FOR DIAGNOSTIC USE"; Burned In Annotation YES; the same words in
   Image Comments; the worker as Manufacturer / Model Name / Software Versions;
-- Patient and Study modules (and Specific Character Set) copied from the source.
+- Patient and Study modules (and Specific Character Set) copied from the source; a Patient's
+  Birth Date, Study Date, Study Time or Patient's Sex that is not a valid value (highdicom
+  refuses to build with it) is left empty in the result (they are Type 2) instead of failing
+  the image: the flag matters more than a wrong date, and the source keeps the value. A Specific
+  Character Set the worker cannot decode (an unknown term) is not copied: the values were read
+  with pydicom's fallback and are written as ISO_IR 192 (UTF-8), which encodes all of them.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import highdicom as hd
 import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageDraw, ImageFont
+from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.valuerep import DA, TM
 
 from cxr_worker import __version__
 from cxr_worker.labels import Label, Population, format_probability, format_threshold
 
+logger = logging.getLogger(__name__)
+
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+UTF8 = "ISO_IR 192"
 MAX_SIDE = 1024
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
 SERIES_DESCRIPTION = "AI triage result: pneumonia (cxr-worker)"
@@ -133,6 +146,52 @@ def render(display: NDArray[np.floating], lines: list[str], suspected: bool,
     return np.asarray(canvas, dtype=np.uint8)
 
 
+# Type 2 attributes highdicom copies from the source and validates (raising ValueError), with
+# the check it applies
+_REPAIRABLE: dict[str, Callable[[Any], object]] = {
+    "PatientBirthDate": DA,
+    "StudyDate": DA,
+    "StudyTime": TM,
+    "PatientSex": hd.PatientSexValues,
+}
+
+
+def _reference(source: Dataset) -> Dataset:
+    """The source as highdicom should copy it: invalid :data:`_REPAIRABLE` values left out
+    (empty in the result), logged by keyword, never by value."""
+    ref = Dataset()
+    ref.update(source)  # a new element table: deleting from it leaves the source whole
+    dropped = []
+    for keyword, check in _REPAIRABLE.items():
+        value = ref.get(keyword)
+        if value is None or value == "":
+            continue
+        try:
+            check(value)
+        except (ValueError, TypeError):
+            del ref[keyword]
+            dropped.append(keyword)
+    if dropped:
+        logger.warning("result for %s: %s not valid in the source; left empty in the result",
+                       source.get("SOPInstanceUID", "?"), ", ".join(dropped))
+    return ref
+
+
+def result_character_set(source: Dataset) -> str | list[str] | None:
+    """The source's Specific Character Set when every term is one the worker decodes, else
+    ISO_IR 192 (UTF-8): the values were decoded with pydicom's fallback, and a term the
+    result cannot declare validly must not be copied. None when the source has none."""
+    value = source.get("SpecificCharacterSet")
+    if value is None:
+        return None
+    terms = [value] if isinstance(value, str) else [str(t) for t in value]
+    if terms and all(t in python_encoding for t in terms):
+        return value if isinstance(value, str) else terms
+    logger.warning("result for %s: Specific Character Set not one the worker decodes; the "
+                   "result is written as %s", source.get("SOPInstanceUID", "?"), UTF8)
+    return UTF8
+
+
 def _source_reference(source: Dataset, purpose: bool) -> Dataset:
     item = Dataset()
     item.ReferencedSOPClassUID = source.SOPClassUID
@@ -178,7 +237,7 @@ def build_secondary_capture(
     if len(orientation) != 2:
         orientation = ("L", "F")
     sc = hd.sc.SCImage.from_ref_dataset(
-        ref_dataset=source,
+        ref_dataset=_reference(source),
         pixel_array=pixels,
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
@@ -199,8 +258,9 @@ def build_secondary_capture(
         # Japanese ISO 2022 studies use: build without it and copy the source's value below
         specific_character_set=None,
     )
-    if "SpecificCharacterSet" in source:
-        sc.SpecificCharacterSet = source.SpecificCharacterSet
+    charset = result_character_set(source)
+    if charset is not None:
+        sc.SpecificCharacterSet = charset
     sc.ImageType = ["DERIVED", "SECONDARY"]
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"

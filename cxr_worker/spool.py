@@ -6,7 +6,13 @@ Layout under ``data_dir``::
     results/<Study Instance UID>/<SOP Instance UID>.dcm  Secondary Captures built for them
     quarantine/<SOP Instance UID or hash>.dcm            files that could not be processed
 
-File names carry UIDs only; a value that is not a well-formed UID is replaced by its hash.
+File names carry UIDs only; a value that is not a well-formed UID is replaced by its hash, so
+no name is ever built from a value with a path separator (the listener refuses such UIDs before
+anything is written; this is the second line of defence).
+
+Folders are created mode 0700 and files 0600, set explicitly (``chmod``), whatever the umask.
+Temporary files are dot-prefixed, in the destination's folder (so that the rename is atomic),
+and unique per write: process, thread and a random suffix, created with ``O_EXCL``.
 """
 
 from __future__ import annotations
@@ -14,30 +20,82 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 from cxr_worker.errors import SpoolError
 
-_UID_RE = re.compile(r"^[0-9.]{1,64}$")
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+UID_MAX_LENGTH = 64
+# PS3.5 9.1: components of digits separated by dots, none empty, no leading zero in a
+# component of more than one digit
+_UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def is_valid_uid(value: str) -> bool:
+    """Whether ``value`` is a UID as PS3.5 9.1 defines it (at most 64 characters)."""
+    return len(value) <= UID_MAX_LENGTH and _UID_RE.fullmatch(value) is not None
 
 
 def safe_name(uid: str) -> str:
-    """``uid`` itself when it is a plain UID, else a hash (never a path component from a peer)."""
+    """``uid`` itself when it is a valid UID, else a hash (never a path component from a peer)."""
     uid = uid.strip().rstrip("\x00")
-    if _UID_RE.match(uid) and ".." not in uid and not uid.startswith("."):
+    if is_valid_uid(uid):
         return uid
     return "x" + hashlib.sha256(uid.encode("utf-8", "replace")).hexdigest()[:40]
 
 
+def _child(folder: Path, name: str) -> Path:
+    """``folder / name``, refusing any name that could leave ``folder``."""
+    separators = {"/", "\x00", os.sep, os.altsep or "/"}
+    if name in ("", ".", "..") or any(c in name for c in separators):
+        raise ValueError(f"not a plain file name: {name!r}")
+    return folder / name
+
+
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` where every folder created gets mode 0700 (chmod: not left to the umask)."""
+    missing: list[Path] = []
+    p = path
+    while not p.is_dir():
+        missing.append(p)
+        if p.parent == p:
+            break
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode=DIR_MODE)
+        except FileExistsError:
+            if not d.is_dir():
+                raise
+            continue  # created meanwhile by another thread or process
+        os.chmod(d, DIR_MODE)
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}."
+                          f"{secrets.token_hex(6)}.tmp")
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
-    """Write via a temp file in the same folder; the file exists whole or not at all."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write via a temp file in the same folder; the file exists whole or not at all.
+
+    Concurrent writes of the same ``path`` (a modality sending one image on several
+    associations at once) each use their own temp file; the last rename wins, whole.
+    """
+    tmp: Path | None = None
     try:
-        with open(tmp, "wb") as f:
+        make_dirs(path.parent)
+        tmp = _temp_name(path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                     FILE_MODE)
+        with open(fd, "wb") as f:
+            os.fchmod(fd, FILE_MODE)
             write(f)
             f.flush()
             os.fsync(f.fileno())
@@ -48,7 +106,8 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
         finally:
             os.close(dir_fd)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise SpoolError(f"cannot write {path.name}: {exc.strerror or exc}") from exc
     return path
 
@@ -60,19 +119,26 @@ class Spool:
         self.results_dir = data_dir / "results"
         self.quarantine_dir = data_dir / "quarantine"
         for d in (self.spool_dir, self.results_dir, self.quarantine_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            make_dirs(d)
 
     def image_path(self, study_uid: str, sop_uid: str) -> Path:
-        return self.spool_dir / safe_name(study_uid) / f"{safe_name(sop_uid)}.dcm"
+        return _child(_child(self.spool_dir, safe_name(study_uid)), f"{safe_name(sop_uid)}.dcm")
 
     def result_path(self, study_uid: str, sop_uid: str) -> Path:
-        return self.results_dir / safe_name(study_uid) / f"{safe_name(sop_uid)}.dcm"
+        return _child(_child(self.results_dir, safe_name(study_uid)),
+                      f"{safe_name(sop_uid)}.dcm")
 
     def quarantine(self, path: Path, reason: str) -> Path:
         """Move a file aside with a ``.reason.txt`` beside it; returns its new path."""
-        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
-        dest = self.quarantine_dir / path.name
+        make_dirs(self.quarantine_dir)
+        dest = _child(self.quarantine_dir, path.name)
         if path.exists():
             shutil.move(str(path), dest)
-        dest.with_suffix(".reason.txt").write_text(reason + "\n", encoding="utf-8")
+            os.chmod(dest, FILE_MODE)
+        text = (reason + "\n").encode("utf-8")
+
+        def write(f: BinaryIO) -> None:
+            f.write(text)
+
+        atomic_write(dest.with_suffix(".reason.txt"), write)
         return dest

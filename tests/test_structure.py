@@ -13,7 +13,7 @@ PKG = Path(__file__).resolve().parent.parent / "cxr_worker"
 # stage -> cxr_worker modules it may import
 STAGES = {
     "receive": {"errors", "spool", "worklist"},
-    "gate": {"errors", "labels"},
+    "gate": {"errors", "labels", "text"},  # text: escaping quoted values
     "decode": {"errors", "model"},
     "score": {"errors", "model", "labels"},
     "report": {"labels"},

@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy import Engine, inspect, text
 from sqlalchemy.exc import IntegrityError
 
+from cxr_worker.errors import UIDConflictError
 from cxr_worker.worklist import queue, schema, studies
 from cxr_worker.worklist.models import Label, Population, Status
 
@@ -185,21 +186,30 @@ def _insert_0001_row_0002(conn, sop: str) -> None:
 
 
 def test_enqueue_is_idempotent_on_sop_instance_uid(engine):
-    sop = _add(engine, 1)[0]
+    sop = _add(engine, 1, study="1.2.4.7")[0]
     job = queue.claim(engine, "process", "w1", 60)
     assert job is not None and job.sop_instance_uid == sop
     queue.mark_scored(engine, job, "w1", probability=0.9, label=Label.SUSPECTED, threshold=0.5,
                       model_version="m", result_path="/r", result_sop_instance_uid="9.9")
     # the same instance again: one row, processed again
-    row_id, new = queue.enqueue(
-        engine, sop_instance_uid=sop, sop_class_uid="x", study_instance_uid="s",
-        series_instance_uid="se", accession_number="", calling_ae_title="",
-        transfer_syntax_uid="", spool_path="/p")
+    again = {"sop_instance_uid": sop, "sop_class_uid": "x", "study_instance_uid": "1.2.4.7",
+             "series_instance_uid": "se", "accession_number": "", "calling_ae_title": "",
+             "transfer_syntax_uid": "", "spool_path": "/p",
+             "patient_key": queue.patient_key(sop, "P1")}
+    row_id, new = queue.enqueue(engine, **again)
     assert new is False
     assert row_id == job.id
     rows = studies.triage_list(engine, limit=None)
     assert sum(r.images for r in rows) == 1
     assert queue.claim(engine, "process", "w1", 60) is not None
+    # the same SOP Instance UID for another study or patient (issue 10): refused, row kept
+    for other in ({"study_instance_uid": "1.2.4.8"}, {"patient_key": queue.patient_key(sop, "P2")}):
+        with pytest.raises(UIDConflictError):
+            queue.check_conflict(engine, **{**again, **other})
+        with pytest.raises(UIDConflictError):
+            queue.enqueue(engine, **{**again, **other})
+    [row] = studies.triage_list(engine, limit=None)
+    assert row.study_instance_uid == "1.2.4.7"
 
 
 def test_claims_are_exclusive_and_leases_expire(engine):

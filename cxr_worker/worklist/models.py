@@ -75,6 +75,10 @@ class Instance(Base):
     calling_ae_title: Mapped[str] = mapped_column(String(16), default="")
     transfer_syntax_uid: Mapped[str] = mapped_column(UID, default="")
     spool_path: Mapped[str] = mapped_column(Text)
+    # a salted hash of the Patient ID the image came with (``queue.patient_key``), never the
+    # ID: a re-sent SOP Instance UID of another patient is refused (migration 0004); null on
+    # rows received before it
+    patient_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     status: Mapped[str] = mapped_column(String(16), default=Status.RECEIVED)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -10,14 +10,17 @@ LOCKED``; on SQLite (WAL, busy timeout) the conditional UPDATE alone arbitrates.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import logging
 from collections.abc import Collection
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 from sqlalchemy import Engine, create_engine, event, or_, select, true, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from cxr_worker.errors import UIDConflictError
 from cxr_worker.worklist.models import Instance, Population, Status, utcnow
 
 logger = logging.getLogger(__name__)
@@ -76,13 +79,60 @@ class RetryPolicy:
     max_seconds: float
 
 
+def patient_key(sop_instance_uid: str, patient_id: str) -> str:
+    """What the worklist keeps of a Patient ID: a hash salted with the SOP Instance UID.
+
+    Only ever compared with the key of a re-sent image of the same SOP Instance UID; salted per
+    instance, so two rows of one patient carry unrelated keys. It is not a secret from whoever
+    holds the database and guesses IDs: the ID itself is what is never stored or logged.
+    """
+    text = f"cxr-worker patient key\x00{sop_instance_uid}\x00{patient_id.strip()}"
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _conflict(row: Instance, values: dict[str, Any]) -> str | None:
+    """Why ``values`` may not replace ``row`` (UIDs only), or None."""
+    if row.study_instance_uid != values["study_instance_uid"]:
+        return (f"SOP Instance UID {row.sop_instance_uid} is held for study "
+                f"{row.study_instance_uid}; this image names study {values['study_instance_uid']}")
+    key = values.get("patient_key")
+    if row.patient_key is not None and key is not None and row.patient_key != key:
+        return (f"SOP Instance UID {row.sop_instance_uid} (study {row.study_instance_uid}) is "
+                "held for another Patient ID")
+    return None
+
+
+def check_conflict(engine: Engine, **values: Any) -> None:
+    """Raise :class:`UIDConflictError` if ``enqueue(**values)`` would re-assign a row held for
+    another study or patient (checked before the file is written; ``enqueue`` checks again)."""
+    with Session(engine) as s:
+        row = s.scalars(
+            select(Instance).where(Instance.sop_instance_uid == values["sop_instance_uid"])
+        ).one_or_none()
+        why = _conflict(row, values) if row is not None else None
+    if why:
+        raise UIDConflictError(why)
+
+
 def enqueue(engine: Engine, **values: Any) -> tuple[int, bool]:
     """Insert a received instance, or re-queue it if its SOP Instance UID is known.
 
-    Returns the row id and whether the row is new. A duplicate replaces the spooled file
-    (same path) and is processed again; its result keeps the same derived SOP Instance UID,
-    so the PACS ends with one result either way.
+    Returns the row id and whether the row is new. A duplicate of the same study and patient
+    replaces the spooled file (same path) and is processed again; its result keeps the same
+    derived SOP Instance UID, so the PACS ends with one result either way. A duplicate of
+    another study or patient (``patient_key``) raises :class:`UIDConflictError` and changes
+    nothing. Two inserts of one new UID at once: the loser re-queues the winner's row.
     """
+    for attempt in (1, 2):
+        try:
+            return _enqueue(engine, values)
+        except IntegrityError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _enqueue(engine: Engine, values: dict[str, Any]) -> tuple[int, bool]:
     now = utcnow()
     with Session(engine) as s, s.begin():
         row = s.scalars(
@@ -94,8 +144,12 @@ def enqueue(engine: Engine, **values: Any) -> tuple[int, bool]:
             s.add(row)
             s.flush()
             return row.id, True
+        why = _conflict(row, values)
+        if why:
+            raise UIDConflictError(why)
         for k, v in values.items():
-            setattr(row, k, v)
+            if v is not None or k != "patient_key":  # an image without one keeps the row's
+                setattr(row, k, v)
         _reset(row, now)
         return row.id, False
 
