@@ -12,11 +12,13 @@ output; a test keeps the two equal.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
 from pydicom.uid import UID
 
 from cxr_worker import __version__, receive, report, send
+from cxr_worker.service import listener_config
 from cxr_worker.settings import Settings
 
 REGENERATE = "cxr-worker conformance > docs/conformance.md"
@@ -58,9 +60,10 @@ def _ranges(codes: Iterable[int]) -> str:
 
 def statement() -> str:
     d = Settings()  # the defaults
-    full = receive.make_ae(receive.ListenerConfig(d.listener.ae_title, (), True))
-    enabled = {str(c) for c in receive.storage_classes(
-        receive.ListenerConfig(d.listener.ae_title, (), d.listener.accept_dx_for_processing))}
+    default_cfg = listener_config(d)
+    # every optional class, to list them all; the association limits are the defaults'
+    full = receive.make_ae(dataclasses.replace(default_cfg, accept_dx_for_processing=True))
+    enabled = {str(c) for c in receive.storage_classes(default_cfg)}
     contexts = sorted(full.supported_contexts, key=lambda c: str(c.abstract_syntax))
     # name the transfer syntax lists: A, B, ... in the order the contexts use them
     lists: dict[tuple[str, ...], str] = {}
@@ -116,12 +119,14 @@ def statement() -> str:
         "### Association policies",
         "",
         *_table(("policy", "value"), [
-            ("simultaneous associations", str(full.maximum_associations)),
-            ("maximum PDU size received", "no limit" if not full.maximum_pdu_size
-             else f"{full.maximum_pdu_size} bytes"),
-            ("ACSE timeout", _seconds(full.acse_timeout)),
-            ("DIMSE timeout", _seconds(full.dimse_timeout)),
-            ("network timeout", _seconds(full.network_timeout)),
+            ("simultaneous associations (`listener.max_associations`)",
+             str(full.maximum_associations)),
+            ("maximum PDU size received (`listener.max_pdu_bytes`)",
+             "no limit" if not full.maximum_pdu_size else f"{full.maximum_pdu_size} bytes"),
+            ("ACSE timeout (`listener.acse_timeout_seconds`)", _seconds(full.acse_timeout)),
+            ("DIMSE timeout (`listener.dimse_timeout_seconds`)", _seconds(full.dimse_timeout)),
+            ("network timeout, idle association released "
+             "(`listener.network_timeout_seconds`)", _seconds(full.network_timeout)),
             ("called AE title checked", "yes" if full.require_called_aet else "no"),
             ("calling AE titles (`listener.allowed_calling_ae_titles`)",
              ", ".join(d.listener.allowed_calling_ae_titles) or "any"),

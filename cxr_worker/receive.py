@@ -85,7 +85,10 @@ ACCEPTED_STORAGE = (
 OPTIONAL_STORAGE: dict[str, str] = {
     DigitalXRayImageStorageForProcessing: "listener.accept_dx_for_processing",
 }
-MAX_PDU_SIZE = 0  # no limit: fewer, larger P-DATA PDUs for 10 MB images
+# the default advertised maximum PDU length (``listener.max_pdu_bytes``): bounded, so that a
+# peer cannot make the listener buffer an arbitrarily large PDU, yet large enough that a
+# 10 MB image is ten P-DATA PDUs
+MAX_PDU_SIZE = 1048576
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,12 @@ class ListenerConfig:
     ae_title: str
     allowed_calling_ae_titles: tuple[str, ...]
     accept_dx_for_processing: bool
+    # association limits (``[listener]`` settings; defaults equal the settings' defaults)
+    max_pdu_bytes: int = MAX_PDU_SIZE
+    max_associations: int = 32
+    network_timeout_seconds: float = 10.0
+    acse_timeout_seconds: float = 10.0
+    dimse_timeout_seconds: float = 30.0
 
 
 def storage_classes(cfg: ListenerConfig) -> tuple[str, ...]:
@@ -121,7 +130,11 @@ def transfer_syntaxes() -> list[str]:
 
 def make_ae(cfg: ListenerConfig) -> AE:
     ae = AE(ae_title=cfg.ae_title)
-    ae.maximum_pdu_size = MAX_PDU_SIZE
+    ae.maximum_pdu_size = cfg.max_pdu_bytes
+    ae.maximum_associations = cfg.max_associations
+    ae.network_timeout = cfg.network_timeout_seconds
+    ae.acse_timeout = cfg.acse_timeout_seconds
+    ae.dimse_timeout = cfg.dimse_timeout_seconds
     ae.add_supported_context(Verification)
     syntaxes = transfer_syntaxes()
     for sop_class in storage_classes(cfg):

@@ -35,6 +35,16 @@ from cxr_worker.worklist import queue, schema, site
 logger = logging.getLogger(__name__)
 
 
+def listener_config(s: Settings) -> receive.ListenerConfig:
+    li = s.listener
+    return receive.ListenerConfig(
+        li.ae_title, tuple(li.allowed_calling_ae_titles), li.accept_dx_for_processing,
+        max_pdu_bytes=li.max_pdu_bytes, max_associations=li.max_associations,
+        network_timeout_seconds=li.network_timeout_seconds,
+        acse_timeout_seconds=li.acse_timeout_seconds,
+        dimse_timeout_seconds=li.dimse_timeout_seconds)
+
+
 def gate_config(s: Settings) -> gate.GateConfig:
     return gate.GateConfig(
         accept_dx_for_processing=s.listener.accept_dx_for_processing,
@@ -236,9 +246,7 @@ def serve(s: Settings, migrate: bool = True) -> int:
                 s.jobs.retention_interval_seconds,
                 pacs_echo=readiness.pacs.run if readiness.pacs is not None else None)
     jobs.start()
-    listener_cfg = receive.ListenerConfig(
-        s.listener.ae_title, tuple(s.listener.allowed_calling_ae_titles),
-        s.listener.accept_dx_for_processing)
+    listener_cfg = listener_config(s)
     ae = receive.make_ae(listener_cfg)
     try:
         server = ae.start_server(

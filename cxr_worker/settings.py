@@ -30,6 +30,18 @@ class Listener:
     port: int = 11112
     allowed_calling_ae_titles: list[str] = field(default_factory=list)  # empty: any
     accept_dx_for_processing: bool = False
+    # bounded resources: a peer that connects and goes quiet holds an association slot only
+    # until a timeout, and the slots are more than a site's modalities, so that an honest
+    # modality still gets through while hostile or broken peers hold some
+    max_pdu_bytes: int = 1048576  # advertised maximum PDU length (A-ASSOCIATE-AC)
+    max_associations: int = 32  # simultaneous associations; more are refused
+    network_timeout_seconds: float = 10.0  # an idle association is released after this
+    acse_timeout_seconds: float = 10.0  # wait for A-ASSOCIATE-RQ / A-RELEASE
+    dimse_timeout_seconds: float = 30.0  # wait for the next DIMSE message
+
+
+MIN_PDU_BYTES = 16384
+MAX_PDU_BYTES = 16777216
 
 
 @dataclass
@@ -200,11 +212,24 @@ def _validate(s: Settings) -> None:
                       ("http.port", s.http.port)):
         if not 0 <= port <= 65535:
             raise ConfigError(f"{key}: {port} is not a TCP port (0-65535)")
+    _validate_limits(s)
     if s.http.enabled and not s.http.host:
         raise ConfigError("http.host: required when http.enabled is true")
     if s.pacs_configured and not s.pacs.host:
         raise ConfigError("pacs.host: required when pacs.ae_title is set")
     _validate_processing(s)
+
+
+def _validate_limits(s: Settings) -> None:
+    li = s.listener
+    if not MIN_PDU_BYTES <= li.max_pdu_bytes <= MAX_PDU_BYTES:
+        raise ConfigError(f"listener.max_pdu_bytes: {li.max_pdu_bytes} is not in "
+                          f"{MIN_PDU_BYTES}-{MAX_PDU_BYTES}")
+    if li.max_associations < 1:
+        raise ConfigError("listener.max_associations: must be at least 1")
+    for name in ("network_timeout_seconds", "acse_timeout_seconds", "dimse_timeout_seconds"):
+        if not getattr(li, name) > 0:
+            raise ConfigError(f"listener.{name}: must be positive")
 
 
 def _validate_processing(s: Settings) -> None:

@@ -27,7 +27,8 @@ def test_deploy_example_is_valid_and_complete():
     text = (REPO / "deploy" / "cxr-worker.toml").read_text()
     assert s.logging.format == "text"
     for key in ("ae_title", "host", "port", "allowed_calling_ae_titles", "url", "data_dir",
-                "path", "threshold", "format"):
+                "path", "threshold", "format", "max_pdu_bytes", "max_associations",
+                "network_timeout_seconds", "acse_timeout_seconds", "dimse_timeout_seconds"):
         assert f"{key} =" in text or f"# {key} =" in text, key
 
 
@@ -68,6 +69,13 @@ def test_config_path_from_environment(tmp_path):
         ("", {"CXR_WORKER__NOPE__X": "1"}, "CXR_WORKER__NOPE__X"),
         ('[report]\nuid_prefix = "1.2.3"\n', {}, "report.uid_prefix"),
         ('[logging]\nformat = "xml"\n', {}, "logging.format"),
+        ('[listener]\nmax_pdu_bytes = 1024\n', {}, "listener.max_pdu_bytes"),
+        ("", {"CXR_WORKER__LISTENER__MAX_PDU_BYTES": "16777217"}, "listener.max_pdu_bytes"),
+        ('[listener]\nmax_associations = 0\n', {}, "listener.max_associations"),
+        ("", {"CXR_WORKER__LISTENER__NETWORK_TIMEOUT_SECONDS": "0"},
+         "listener.network_timeout_seconds"),
+        ('[listener]\nacse_timeout_seconds = -1\n', {}, "listener.acse_timeout_seconds"),
+        ('[listener]\ndimse_timeout_seconds = "x"\n', {}, "listener.dimse_timeout_seconds"),
         ("", {"CXR_WORKER__LOGGING__FORMAT": "JSON "}, "logging.format"),
     ],
 )
