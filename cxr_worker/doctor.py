@@ -91,8 +91,7 @@ def check_database(s: Settings) -> Check:
     url = make_url(s.database_url)
     shown = url.render_as_string(hide_password=True)
     head = schema.head_revision()
-    if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:" \
-            and not Path(url.database).is_file():
+    if schema.not_created(s.database_url):
         return Check("database", OK, f"{shown} not created yet (serve creates it at revision "
                      f"{head})")
     try:

@@ -39,9 +39,9 @@ from prometheus_client.registry import Collector
 from sqlalchemy import Engine, and_, case, func, select
 from sqlalchemy.orm import Session
 
-from cxr_worker.gate import RULES
 from cxr_worker.labels import Label
 from cxr_worker.worklist.models import Instance, Status, utcnow
+from cxr_worker.worklist.reasons import reason_bucket
 
 if TYPE_CHECKING:
     from cxr_worker.health import PacsEcho
@@ -97,22 +97,6 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-
-def reason_bucket() -> Any:
-    """The SQL expression that buckets a row's reason into a bounded label value."""
-    reason = Instance.reason
-    refused = case(
-        *((reason.startswith(f"out of scope ({rule})", autoescape=True), rule) for rule in RULES),
-        (reason.contains("kept in quarantine", autoescape=True), "quarantined"),
-        (reason.startswith("spooled file is missing", autoescape=True), "file_missing"),
-        else_="other")
-    return case(
-        (Instance.status == Status.NOT_SCORED, refused),
-        (Instance.status == Status.FAILED,
-         case((reason.startswith("sending", autoescape=True), "send"), else_="process")),
-        (reason.startswith("retrying", autoescape=True), "retrying"),
-        else_="")
 
 
 class WorklistCollector(Collector):

@@ -20,7 +20,6 @@ version, else the model card's. :attr:`Scorer.threshold_source` names it in ever
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from numpy.typing import NDArray
 from cxr_worker.errors import ModelIntegrityError
 from cxr_worker.labels import Label, format_threshold
 from cxr_worker.model import card as model_card
-from cxr_worker.model.calibration import Platt
+from cxr_worker.model.calibration import Platt, logit, sigmoid_one
 from cxr_worker.model.preprocess import INPUT_SIZE, SUPPORTED_VERSIONS, to_model_input
 
 logger = logging.getLogger(__name__)
@@ -71,11 +70,6 @@ def _version(member: dict[str, object]) -> int:
             f"the model was trained with preprocessing contract version {version}, which this "
             f"cxr-worker does not implement (it has {SUPPORTED_VERSIONS}): upgrade cxr-worker")
     return version
-
-
-def _logit(p: float) -> float:
-    q = min(max(p, 1e-7), 1 - 1e-7)
-    return math.log(q / (1 - q))
 
 
 class Scorer:
@@ -127,9 +121,8 @@ class Scorer:
 
     def raw_score(self, prepared: Prepared) -> float:
         """The members' combined output (sigmoid of the mean logit), before calibration."""
-        logits = [_logit(rt.predict(prepared.by_version[v])) for rt, v in self._members]
-        z = sum(logits) / len(logits)
-        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+        logits = [float(logit(rt.predict(prepared.by_version[v]))) for rt, v in self._members]
+        return sigmoid_one(sum(logits) / len(logits))
 
     def score(self, prepared: Prepared) -> Score:
         """Score a prepared image (:meth:`prepare`)."""

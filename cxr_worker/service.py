@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, make_url
+from sqlalchemy import Engine
 
 from cxr_worker import gate, health, receive, report, send
 from cxr_worker.errors import StartupError
@@ -153,11 +153,7 @@ def open_worklist(s: Settings, migrate: bool = False) -> Engine:
 
 def existing_worklist(s: Settings) -> Engine | None:
     """The worklist's engine if it exists already (one-shot commands never create one)."""
-    url = make_url(s.database_url)
-    if url.get_backend_name() == "sqlite" and (
-            not url.database or url.database == ":memory:" or not Path(url.database).is_file()):
-        return None
-    return open_worklist(s)
+    return None if schema.not_created(s.database_url) else open_worklist(s)
 
 
 def build_pipeline(s: Settings, scorer: Scorer, engine: Engine, *,

@@ -1,9 +1,10 @@
 """``cxr-worker stats``: is the site's stream of images drifting away from what the model knows?
 
-Counts images per status and not-scored reasons, and, for the images scored by the served model
-version, the positive rate (with a Wilson 95% interval) and the score histogram beside the model
-card's validation histogram. A warning is printed when the positive rate's interval lies wholly
-outside the expected band:
+Counts images per status and not-scored reasons (by gate rule or fate, the same buckets as
+the ``/metrics`` endpoint: :func:`cxr_worker.worklist.reasons.reason_bucket`), and, for the
+images scored by the served model version, the positive rate (with a Wilson 95% interval)
+and the score histogram beside the model card's validation histogram. A warning is printed
+when the positive rate's interval lies wholly outside the expected band:
 
 - with a site threshold (``calibrate --apply``) in force: the band is the Wilson interval of the
   positive rate the site's own labelled images gave at that threshold;
@@ -18,7 +19,6 @@ Only rows are read; nothing about a patient is printed.
 from __future__ import annotations
 
 import datetime as dt
-from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -28,32 +28,28 @@ from sqlalchemy.orm import Session
 from cxr_worker.labels import Label
 from cxr_worker.model import metrics
 from cxr_worker.worklist.models import Instance, SiteThreshold, Status
+from cxr_worker.worklist.reasons import reason_bucket
 
 MIN_FOR_WARNING = 20
 """Fewer scored images than this: no drift verdict (the interval is too wide to mean much)."""
-
-
-def _rule(reason: str | None) -> str:
-    """The gate rule of a not-scored reason ("out of scope (view_position): ..."), or the
-    reason's first clause."""
-    text = reason or "(no reason recorded)"
-    if text.startswith("out of scope (") and ")" in text:
-        return text[len("out of scope ("):text.index(")")]
-    return text.split(":")[0][:60]
 
 
 def compute(engine: Engine, card: dict[str, Any], model_version: str,
             since: dt.datetime | None = None, site: SiteThreshold | None = None
             ) -> dict[str, Any]:
     cond = [Instance.received_at >= since] if since is not None else []
+    scored_cond = [Instance.probability.is_not(None), *cond]
+    bucket = reason_bucket().label("bucket")
     with Session(engine) as s:
         by_status = dict(s.execute(select(Instance.status, func.count()).where(*cond)
                                    .group_by(Instance.status)).all())
-        reasons = Counter(_rule(r) for r in s.scalars(
-            select(Instance.reason).where(Instance.status == Status.NOT_SCORED, *cond)))
-        scored = s.execute(select(Instance.probability, Instance.label, Instance.model_version)
-                           .where(Instance.probability.is_not(None), *cond)).all()
-    current = [(p, lab) for p, lab, v in scored if v == model_version]
+        reasons: dict[str, int] = dict(s.execute(
+            select(bucket, func.count()).where(Instance.status == Status.NOT_SCORED, *cond)
+            .group_by(bucket).order_by(func.count().desc(), bucket)).all())
+        current = s.execute(select(Instance.probability, Instance.label).where(
+            *scored_cond, Instance.model_version == model_version)).all()
+        others = s.scalar(select(func.count()).where(
+            *scored_cond, Instance.model_version != model_version)) or 0
     probs = np.array([p for p, _ in current], dtype=np.float64)
     positives = sum(1 for _, lab in current if lab == Label.SUSPECTED)
     n = len(current)
@@ -76,8 +72,8 @@ def compute(engine: Engine, card: dict[str, Any], model_version: str,
         "since": since.isoformat() if since else None,
         "model_version": model_version,
         "images_by_status": {str(k): int(v) for k, v in sorted(by_status.items())},
-        "not_scored_reasons": dict(reasons.most_common()),
-        "scored_by_other_model_versions": len(scored) - n,
+        "not_scored_reasons": {str(k): int(v) for k, v in reasons.items()},
+        "scored_by_other_model_versions": int(others),
         "scored": n,
         "positive": positives,
         "positive_rate": rate,

@@ -3,6 +3,7 @@ a worker subprocess, DICOM variants built from the training images."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -367,3 +368,35 @@ def make_images(tmp_path: Path) -> Callable[..., list[Path]]:
 def env(tmp_path: Path) -> dict[str, str]:
     """A worker environment on a fresh data folder and a free port, no PACS."""
     return worker_env(tmp_path / "data", free_port(), None)
+
+
+# -- PostgreSQL -------------------------------------------------------------------------------
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+@contextlib.contextmanager
+def postgres_schema(prefix: str = "cxr_test") -> Iterator[str]:
+    """A throwaway schema on the PostgreSQL at 127.0.0.1:5432; yields a URL whose search path
+    is that schema, drops it afterwards. Skips (with the reason) when no server answers."""
+    import uuid
+
+    from sqlalchemy import text
+
+    from cxr_worker.worklist import queue
+
+    base = queue.make_engine(PG_URL)
+    try:
+        with base.connect() as c:
+            c.execute(text("select 1"))
+    except Exception as exc:  # no server: the only reason to skip
+        base.dispose()
+        pytest.skip(f"no PostgreSQL answers at 127.0.0.1:5432 ({type(exc).__name__})")
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with base.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+        c.execute(text(f'CREATE SCHEMA "{name}"'))
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{name}"
+    finally:
+        with base.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+            c.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
+        base.dispose()

@@ -8,7 +8,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import DCMTK_ENV, REPO, SAMPLES, Orthanc, need, storescu, wait_until
+from conftest import DCMTK_ENV, REPO, SAMPLES, Orthanc, need, postgres_schema, storescu, wait_until
 from pydicom import dcmread
 
 from cxr_worker.report import SERIES_DESCRIPTION
@@ -242,36 +242,21 @@ def test_out_of_disk_answers_a700_and_keeps_serving(make_worker, make_images):
 
 
 def test_serve_on_postgresql(make_worker, make_images):
-    import uuid
-
     from sqlalchemy import text
 
     from cxr_worker.worklist import queue
 
-    url = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-    try:
-        base = queue.make_engine(url)
-        with base.connect() as c:
-            c.execute(text("select 1"))
-    except Exception as exc:
-        pytest.skip(f"no PostgreSQL answers at 127.0.0.1:5432 ({type(exc).__name__})")
-    schema_name = f"cxr_e2e_{uuid.uuid4().hex[:8]}"
-    with base.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(text(f'CREATE SCHEMA "{schema_name}"'))
-    try:
-        worker = make_worker(
-            CXR_WORKER__DATABASE__URL=f"{url}?options=-csearch_path%3D{schema_name}")
+    with postgres_schema("cxr_e2e") as url:
+        worker = make_worker(CXR_WORKER__DATABASE__URL=url)
         storescu(worker.port, *make_images(2, prefix="pg"))
         wait_until(lambda: sorted(r["status"] for r in worker.worklist()) == ["scored"] * 2,
                    30, "two images scored with the PostgreSQL worklist")
         assert worker.stop() == 0
-        with base.connect() as c:
-            n = c.execute(text(f'SELECT count(*) FROM "{schema_name}".instances')).scalar()
+        engine = queue.make_engine(url)
+        with engine.connect() as c:
+            n = c.execute(text("SELECT count(*) FROM instances")).scalar()
+        engine.dispose()
         assert n == 2
-    finally:
-        with base.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-            c.execute(text(f'DROP SCHEMA "{schema_name}" CASCADE'))
-        base.dispose()
 
 
 @pytest.mark.parametrize(("dcmconv_flag", "storescu_flag"), [

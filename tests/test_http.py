@@ -16,10 +16,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import SAMPLES, Orthanc, free_port, storescu, wait_until
+from conftest import SAMPLES, Orthanc, free_port, postgres_schema, storescu, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
-from sqlalchemy import Engine, text, update
+from sqlalchemy import Engine, update
 
 from cxr_worker import health, send
 from cxr_worker.errors import ConfigError, StartupError
@@ -30,17 +30,11 @@ from cxr_worker.settings import load_settings
 from cxr_worker.worklist import queue, schema
 from cxr_worker.worklist.models import Instance, Label, Status, utcnow
 
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 SAMPLE = SAMPLES / "cr_pa_normal_12bit.dcm"
 
 
 def get(url: str) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, exc.read()
+    return get_request(urllib.request.Request(url))
 
 
 def samples(families: Any) -> dict[str, list[Any]]:
@@ -174,22 +168,11 @@ def engine(request, tmp_path) -> Iterator[Engine]:
         yield eng
         eng.dispose()
         return
-    try:
-        base = queue.make_engine(PG_URL)
-        with base.connect() as c:
-            c.execute(text("select 1"))
-    except Exception as exc:
-        pytest.skip(f"no PostgreSQL answers at 127.0.0.1:5432 ({type(exc).__name__})")
-    name = f"cxr_test_{uuid.uuid4().hex[:10]}"
-    with base.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(text(f'CREATE SCHEMA "{name}"'))
-    eng = queue.make_engine(PG_URL + f"?options=-csearch_path%3D{name}")
-    schema.upgrade(eng)
-    yield eng
-    eng.dispose()
-    with base.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
-    base.dispose()
+    with postgres_schema() as url:
+        eng = queue.make_engine(url)
+        schema.upgrade(eng)
+        yield eng
+        eng.dispose()
 
 
 def _row(engine: Engine, **values: Any) -> str:

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import postgres_schema
 from sqlalchemy import Engine, inspect, text
 from sqlalchemy.exc import IntegrityError
 
@@ -17,18 +18,7 @@ from cxr_worker.errors import UIDConflictError
 from cxr_worker.worklist import queue, schema, studies
 from cxr_worker.worklist.models import Label, Population, Status
 
-PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 SLOW_RETRY = queue.RetryPolicy(lease_seconds=60, max_attempts=2, base_seconds=30, max_seconds=60)
-
-
-def _pg_engine() -> Engine:
-    try:
-        engine = queue.make_engine(PG_URL)
-        with engine.connect() as c:
-            c.execute(text("select 1"))
-    except Exception as exc:  # no server: the only reason to skip
-        pytest.skip(f"no PostgreSQL answers at 127.0.0.1:5432 ({type(exc).__name__})")
-    return engine
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -39,16 +29,10 @@ def blank_engine(request, tmp_path) -> Iterator[Engine]:
         yield eng
         eng.dispose()
         return
-    base = _pg_engine()
-    name = f"cxr_test_{uuid.uuid4().hex[:10]}"
-    with base.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(text(f'CREATE SCHEMA "{name}"'))
-    eng = queue.make_engine(PG_URL + f"?options=-csearch_path%3D{name}")
-    yield eng
-    eng.dispose()
-    with base.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
-        c.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
-    base.dispose()
+    with postgres_schema() as url:
+        eng = queue.make_engine(url)
+        yield eng
+        eng.dispose()
 
 
 @pytest.fixture

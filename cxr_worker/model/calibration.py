@@ -29,6 +29,11 @@ def logit(p: ArrayLike) -> NDArray[np.float64]:
     return out
 
 
+def sigmoid_one(z: float) -> float:
+    """The logistic function of one value, without overflow for large ``|z|``."""
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
 def _sigmoid(z: NDArray[np.float64]) -> NDArray[np.float64]:
     out: NDArray[np.float64] = 0.5 * (1.0 + np.tanh(0.5 * z))
     return out
@@ -45,8 +50,7 @@ class Platt:
         return _sigmoid(self.a * logit(raw) + self.b)
 
     def one(self, raw: float) -> float:
-        z = self.a * float(logit(raw)) + self.b
-        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+        return sigmoid_one(self.a * float(logit(raw)) + self.b)
 
     def as_dict(self) -> dict[str, float | str]:
         return {"method": "platt", "a": self.a, "b": self.b}

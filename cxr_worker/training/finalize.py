@@ -15,8 +15,8 @@ what the service will do:
    reliability bins; the validation score histogram and positive-rate band that
    ``cxr-worker stats`` compares a site against.
 
-It can be re-run on a trained model directory (``training.json`` beside the model files) without
-training again.
+It can be re-run on trained member directories (``training.json`` beside each network's
+files) without training again.
 """
 
 from __future__ import annotations
@@ -55,28 +55,26 @@ def _gather_members(model_dir: Path, member_dirs: list[Path]) -> list[dict[str, 
     for i, src in enumerate(member_dirs, start=1):
         record = json.loads((src / TRAINING_RECORD).read_text())
         names = {"tflite": f"member{i}.tflite", "keras": f"member{i}.keras"}
-        if src.resolve() != model_dir.resolve() or len(member_dirs) > 1:
-            shutil.copyfile(src / model_card.TFLITE_FILE, model_dir / names["tflite"])
-            shutil.copyfile(src / model_card.KERAS_FILE, model_dir / names["keras"])
-        else:  # a single network trained in place keeps its file names
-            names = {"tflite": model_card.TFLITE_FILE, "keras": model_card.KERAS_FILE}
+        shutil.copyfile(src / model_card.TFLITE_FILE, model_dir / names["tflite"])
+        shutil.copyfile(src / model_card.KERAS_FILE, model_dir / names["keras"])
         out.append({**names, "alpha": float(record["alpha"]),
                     "preprocessing_version": int(record["preprocessing_version"]),
                     "record": record})
     return out
 
 
-def finalize(model_dir: Path, cfg: FinalizeConfig,
-             member_dirs: list[Path] | None = None) -> dict[str, Any]:
-    """Write ``model_dir``'s card for the networks trained in ``member_dirs`` (default: the
-    one network trained in ``model_dir`` itself)."""
+def finalize(model_dir: Path, cfg: FinalizeConfig, member_dirs: list[Path]) -> dict[str, Any]:
+    """Write ``model_dir``'s model (``member1.tflite`` ...) and card for the networks trained
+    in ``member_dirs`` (each with ``training.json`` beside its files)."""
+    from cxr_worker.model.preprocess import to_model_input
+    from cxr_worker.model.runtime import TFLiteScorer
     from cxr_worker.score import Scorer
     from cxr_worker.training import data
     from cxr_worker.training.robustness import VALIDATION, condition_scores
     from cxr_worker.training.train import load_split
 
     model_dir.mkdir(parents=True, exist_ok=True)
-    members = _gather_members(model_dir, member_dirs or [model_dir])
+    members = _gather_members(model_dir, member_dirs)
     files = {}
     for m in members:
         for kind in ("tflite", "keras"):
@@ -98,9 +96,6 @@ def finalize(model_dir: Path, cfg: FinalizeConfig,
     for m in members:  # TFLite against Keras, per network, on unshifted validation
         p_keras = np.asarray(m["record"].get("validation_probabilities_keras", []))
         if p_keras.size == len(x_va):
-            from cxr_worker.model.preprocess import to_model_input
-            from cxr_worker.model.runtime import TFLiteScorer
-
             rt = TFLiteScorer(model_dir / m["tflite"])
             p_tfl = np.array([rt.predict(to_model_input(x, m["preprocessing_version"]))
                               for x in x_va])

@@ -51,6 +51,15 @@ def downgrade(engine: Engine, revision: str) -> str | None:
     return current_revision(engine)
 
 
+def not_created(url: str) -> bool:
+    """Whether ``url`` is an embedded SQLite worklist whose file does not exist yet (a server
+    database always exists, as far as the URL can tell)."""
+    parsed = make_url(url)
+    return parsed.get_backend_name() == "sqlite" and (
+        not parsed.database or parsed.database == ":memory:"
+        or not Path(parsed.database).is_file())
+
+
 def ensure_sqlite_folder(url: str) -> None:
     """Create the folder of an SQLite file URL (nothing for other databases)."""
     parsed = make_url(url)
