@@ -82,17 +82,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_echo(args: argparse.Namespace) -> int:
     from cxr_worker import send
+    from cxr_worker.tls import pacs_peer, self_peer
 
     s = _settings(args)
-    if args.self:
-        peer = send.Peer(s.listener.ae_title, s.listener.host, s.listener.port,
-                         "CXR_ECHO", s.pacs.timeout_seconds)
-    elif not s.pacs_configured:
+    peer = self_peer(s, "CXR_ECHO", s.pacs.timeout_seconds) if args.self else pacs_peer(s)
+    if peer is None:
         _err("no PACS configured: set [pacs] ae_title, host and port (or use --self)")
         return EXIT_USAGE
-    else:
-        peer = send.Peer(s.pacs.ae_title, s.pacs.host, s.pacs.port, s.listener.ae_title,
-                         s.pacs.timeout_seconds)
     target = f"{peer.ae_title}@{peer.host}:{peer.port}"
     try:
         send.echo(peer)
@@ -156,17 +152,53 @@ def _parse_since(value: str) -> dt.datetime | None:
     return since if since.tzinfo else since.replace(tzinfo=dt.UTC)
 
 
+def existing_worklist(args: argparse.Namespace, s: Settings, command: str) -> Any:
+    """The worklist's engine; a :class:`StartupError` (exit 2) naming the database and the
+    settings read when it does not exist yet: a command run from another folder, or with
+    other settings than the service, must not create an empty worklist and show nothing."""
+    from cxr_worker.service import existing_worklist as existing
+
+    engine = existing(s)
+    if engine is None:
+        from sqlalchemy import make_url
+
+        config = getattr(args, "config", None) or os.environ.get(CONFIG_ENV)
+        read = (f"settings from {config}" if config else
+                f"no settings file read (built-in defaults; pass --config or set {CONFIG_ENV})")
+        raise StartupError(
+            f"{command}: no worklist database at {make_url(s.database_url).database} "
+            f"({read}; storage.data_dir {s.data_dir}): use the service's settings "
+            "(--config), or create it with 'cxr-worker db upgrade' or by starting "
+            "'cxr-worker serve'")
+    return engine
+
+
 def cmd_worklist(args: argparse.Namespace) -> int:
     from cxr_worker.worklist import studies
 
-    engine = open_worklist(_settings(args))
+    s = _settings(args)
     since = _parse_since(args.since) if args.since else None
     if args.since and since is None:
         return EXIT_USAGE
-    rows = studies.triage_list(engine, args.status, args.limit, since)
+    if args.limit < 0:
+        _err("--limit: must be 0 (all) or more")
+        return EXIT_USAGE
+    engine = existing_worklist(args, s, "worklist")
+    filters = studies.Filters(status=args.status, since=since, accession=args.accession,
+                              band=args.band, read=args.read)
+    try:
+        page = studies.list_studies(engine, filters, args.limit or None, args.cursor)
+    except ValueError as exc:  # the cursor
+        _err(f"--{exc}")
+        return EXIT_USAGE
+    rows = page.rows
+    more = (f"more rows: use --cursor {page.next} for the next {args.limit}, or a larger "
+            "--limit (0: all)") if page.next else None
     if args.json:
         for r in rows:
             _print_json(r.as_json())
+        if more:  # stdout stays one study per line
+            _err(more, logging.INFO)
         return EXIT_OK
     from cxr_worker.labels import Population, format_probability
 
@@ -191,6 +223,55 @@ def cmd_worklist(args: argparse.Namespace) -> int:
               f"{escape_text(extra)}".rstrip())
     if not rows:
         print("(no studies)")
+    if more:
+        print(more)
+    return EXIT_OK
+
+
+# -- web, tokens ------------------------------------------------------------------------
+def cmd_web(args: argparse.Namespace) -> int:
+    from cxr_worker.web.app import run_web
+
+    s = _settings(args)
+    if not s.http.enabled:
+        _err("web: http.enabled is false: nothing to serve (set http.enabled = true)")
+        return EXIT_USAGE
+    return run_web(s, existing_worklist(args, s, "web"))
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from cxr_worker.worklist import tokens
+
+    s = _settings(args)
+    engine = existing_worklist(args, s, f"token {args.token_command}")
+    if args.token_command == "create":
+        try:
+            token = tokens.create(engine, args.name, args.role)
+        except ValueError as exc:
+            _err(f"token create: {exc}")
+            return EXIT_USAGE
+        print(token, flush=True)  # the token alone, once: only its hash is kept
+        return EXIT_OK
+    if args.token_command == "revoke":
+        try:
+            revoked = tokens.revoke(engine, args.name)
+        except LookupError as exc:
+            _err(f"token revoke: {exc}")
+            return EXIT_USAGE
+        print(f"token {escape_text(args.name)} "
+              f"{'revoked' if revoked else 'was revoked already'}; its sessions are ended")
+        return EXIT_OK
+    rows = tokens.list_tokens(engine)
+    if args.json:
+        for t in rows:
+            _print_json(t.as_json())
+        return EXIT_OK
+    print(f"{'NAME':<24} {'ROLE':<7} {'CREATED':<19} {'LAST USED':<19} REVOKED")
+    for t in rows:
+        print(f"{escape_text(t.name):<24} {t.role:<7} {_t(t.created_at):<19} "
+              f"{_t(t.last_used_at):<19} {_t(t.revoked_at)}")
+    if not rows:
+        print("(no tokens: cxr-worker token create --name NAME --role reader|admin)")
     return EXIT_OK
 
 
@@ -463,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"cxr-worker {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_service_commands(sub, common)
+    _add_web_commands(sub, common)
     _add_model_commands(sub, common)
     return p
 
@@ -477,17 +559,27 @@ def _add_service_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     sp.add_argument("--self", action="store_true", help="C-ECHO this worker's listener instead")
     sp.set_defaults(func=cmd_echo)
 
-    from cxr_worker.worklist.studies import STATUS_FILTERS
+    from cxr_worker.worklist.studies import BANDS, READ_FILTERS, STATUS_FILTERS
 
     sp = sub.add_parser("worklist", parents=[common],
                         help="the triage list: suspected pneumonia first")
     sp.add_argument("--status", choices=STATUS_FILTERS, help="only studies in this status")
-    sp.add_argument("--limit", type=int, default=50, help="at most this many studies")
+    sp.add_argument("--band", choices=BANDS, help="only this band of the list")
+    sp.add_argument("--limit", type=int, default=50,
+                    help="at most this many studies (0: all); a last line says when there "
+                    "are more")
+    sp.add_argument("--cursor", help="continue after the page that printed it")
     sp.add_argument("--since", metavar="TIME",
                     help="only studies with an image received since this ISO time (UTC unless "
                     "it names a zone), e.g. the start of the reading shift")
-    sp.add_argument("--json", action="store_true", help="one JSON object per line")
+    sp.add_argument("--accession", help="only the study with this accession number")
+    sp.add_argument("--read", choices=READ_FILTERS, default="unread",
+                    help="studies marked read on the web page leave the list; 'all' shows "
+                    "them too")
+    sp.add_argument("--json", action="store_true", help="one JSON object per line (the "
+                    "'more rows' line goes to stderr)")
     sp.set_defaults(func=cmd_worklist)
+
 
     sp = sub.add_parser("replay", parents=[common],
                         help="push stored or given images through the pipeline again")
@@ -525,6 +617,30 @@ def _add_service_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     sp = sub.add_parser("conformance", parents=[common],
                         help="print the DICOM conformance statement (Markdown)")
     sp.set_defaults(func=cmd_conformance)
+
+
+def _add_web_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    sp = sub.add_parser("web", parents=[common],
+                        help="serve the web worklist and its API alone (no listener, no "
+                        "model), against the configured database")
+    sp.set_defaults(func=cmd_web)
+
+    sp = sub.add_parser("token", parents=[common], help="API tokens of the web worklist")
+    tsub = sp.add_subparsers(dest="token_command", required=True)
+    tc = tsub.add_parser("create", parents=[common],
+                         help="print a new token (once; only its hash is kept)")
+    tc.add_argument("--name", required=True,
+                    help="who the token is (recorded when a study is marked read); never "
+                    "reused")
+    tc.add_argument("--role", required=True, choices=("reader", "admin"),
+                    help="reader: the list and marking read; admin: also replay, retry, "
+                    "pause and resume sending")
+    tl = tsub.add_parser("list", parents=[common], help="the tokens (never the tokens "
+                         "themselves)")
+    tl.add_argument("--json", action="store_true", help="one JSON object per line")
+    tr = tsub.add_parser("revoke", parents=[common], help="revoke a token and end its sessions")
+    tr.add_argument("name", help="the token's name")
+    sp.set_defaults(func=cmd_token)
 
 
 def _default_members() -> tuple[Any, ...]:
@@ -609,8 +725,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(getattr(args, "log_level", "INFO"), _log_format(args))
     for noisy in ("pynetdicom", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # a wake-up while the drain job runs is "skipped: maximum number of running instances",
-    # expected every time images arrive faster than they are scored; job errors stay visible
+    # "skipped: maximum number of running instances" (a C-ECHO or sweep still running when
+    # its next run is due) is expected, not a problem; job errors stay visible
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     # pydicom's warnings quote invalid values (a patient's name, birth date): logs.configure
     # keeps them out

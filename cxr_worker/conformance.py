@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from pydicom.uid import UID
 
-from cxr_worker import __version__, receive, report, send
+from cxr_worker import __version__, listener, receive, report, send, tls
 from cxr_worker.service import listener_config
 from cxr_worker.settings import Settings
 
@@ -120,16 +120,41 @@ def statement() -> str:
         "",
         *_table(("policy", "value"), [
             ("simultaneous associations (`listener.max_associations`)",
-             str(full.maximum_associations)),
+             f"{full.limits.max_associations}; more are rejected (A-ASSOCIATE-RJ "
+             "rejected-transient, local-limit-exceeded)"),
+            ("associations from one calling host (`listener.max_associations_per_host`)",
+             f"{full.limits.max_associations_per_host}; more are rejected likewise, and they "
+             "never hold a slot"),
             ("maximum PDU size received (`listener.max_pdu_bytes`)",
-             "no limit" if not full.maximum_pdu_size else f"{full.maximum_pdu_size} bytes"),
+             "no limit" if not full.maximum_pdu_size else
+             f"{full.maximum_pdu_size} bytes, advertised and enforced: a P-DATA-TF PDU "
+             "announcing more is answered with A-ABORT (service provider, invalid PDU "
+             "parameter value) and the connection closed without reading it"),
+            ("largest other PDU read (A-ASSOCIATE-RQ, release, abort)",
+             f"{listener.CONTROL_PDU_MAX_BYTES} bytes; a larger one is aborted likewise"),
             ("ACSE timeout (`listener.acse_timeout_seconds`)", _seconds(full.acse_timeout)),
             ("DIMSE timeout (`listener.dimse_timeout_seconds`)", _seconds(full.dimse_timeout)),
-            ("network timeout, idle association released "
-             "(`listener.network_timeout_seconds`)", _seconds(full.network_timeout)),
-            ("called AE title checked", "yes" if full.require_called_aet else "no"),
+            ("network timeout (`listener.network_timeout_seconds`)",
+             f"{_seconds(full.network_timeout)}: an idle association is aborted; a PDU whose "
+             "bytes stop arriving this long is dropped (connection closed), and a PDU must "
+             f"arrive within this plus 1 s per {listener.MIN_PDU_BYTES_PER_SECOND // 1024} "
+             "KiB"),
+            ("called AE title checked (`listener.check_called_ae_title`)",
+             "yes: another called AE title is rejected (rejected-permanent, called AE title "
+             "not recognized)" if full.require_called_aet else "no"),
             ("calling AE titles (`listener.allowed_calling_ae_titles`)",
              ", ".join(d.listener.allowed_calling_ae_titles) or "any"),
+            ("largest C-STORE data set (`limits.max_dataset_bytes`)",
+             f"{d.limits.max_dataset_bytes} bytes as received; beyond it the data set is "
+             f"dropped as it arrives and answered {_hex(receive.STATUS_DATASET_TOO_LARGE)}"),
+            ("largest decoded size the header may declare (`limits.max_decoded_bytes`)",
+             f"{d.limits.max_decoded_bytes} bytes (Rows x Columns x Samples per Pixel x "
+             "Number of Frames x Bits Allocated / 8); beyond it "
+             f"{_hex(receive.STATUS_DECODED_TOO_LARGE)}"),
+            ("largest inflated Deflated Explicit VR Little Endian data set "
+             "(`limits.max_inflated_bytes`)",
+             f"{d.limits.max_inflated_bytes} bytes; beyond it "
+             f"{_hex(receive.STATUS_INFLATES_TOO_LARGE)}"),
         ]),
         "### C-STORE and C-ECHO statuses returned",
         "",
@@ -157,8 +182,8 @@ def statement() -> str:
         *_table(("policy", "value"), [
             ("timeouts (ACSE, DIMSE, network; `pacs.timeout_seconds`)",
              _seconds(d.pacs.timeout_seconds)),
-            ("connection timeout", f"the smaller of `pacs.timeout_seconds` and "
-             f"{_seconds(send.CONNECTION_TIMEOUT_MAX)}"),
+            ("connection timeout (`pacs.connect_timeout_seconds`)",
+             _seconds(d.pacs.connect_timeout_seconds)),
             ("C-STORE answers counted as delivered", _ranges(send.STORE_DELIVERED)),
             ("any other answer, or none", f"retried with exponential backoff "
              f"({_seconds(d.jobs.retry_base_seconds)} doubling to "
@@ -194,5 +219,42 @@ def statement() -> str:
         "Character Set (0008,0005), from the source image (single-byte, UTF-8, GB18030 and "
         "ISO 2022 code extensions alike). Text the worker writes itself is ASCII.",
         "",
+        *_security(d),
     ]
     return "\n".join(out)
+
+
+def _security(d: Settings) -> list[str]:
+    """Section 6: DICOM TLS (PS3.15 Annex B), from :mod:`cxr_worker.tls` and the settings'
+    defaults."""
+    version = tls.MINIMUM_VERSION.name.replace("v", " ").replace("_", ".")
+    return [
+        "## 6. Security: DICOM TLS",
+        "",
+        "The BCP 195 TLS Secure Transport Connection Profile (PS3.15 Annex B), off by default "
+        "on both sides. No well-known TLS port (2762) is assumed: the listener speaks TLS on "
+        "`listener.port` once configured.",
+        "",
+        *_table(("item", "listener (SCP)", "to the PACS (SCU)"), [
+            ("enabled by", "`listener.tls_certificate` and `listener.tls_private_key` "
+             f"(default: {'on' if d.listener.tls_certificate else 'off'})",
+             f"`pacs.tls = true` (default: {'on' if d.pacs.tls else 'off'})"),
+            ("plain DICOM on the same port", "refused at the TLS handshake", "not attempted"),
+            ("protocol versions", f"{version} or later", f"{version} or later"),
+            ("cipher suites", "Python's `ssl` defaults (forward secrecy, AEAD or SHA-2 MACs, "
+             "OpenSSL security level 2)", "the same"),
+            ("peer certificate",
+             "required and verified against `listener.tls_ca_certificates` "
+             f"(`listener.tls_require_client_certificate = "
+             f"{str(d.listener.tls_require_client_certificate).lower()}`); when false, "
+             "optional, and verified when presented",
+             "always verified, against `pacs.tls_ca_certificates` or the system's trusted "
+             "CAs; it must name `pacs.host` (`pacs.tls_verify_hostname = "
+             f"{str(d.pacs.tls_verify_hostname).lower()}`)"),
+            ("own certificate", "`listener.tls_certificate`",
+             "`pacs.tls_certificate` when the PACS asks for one (else none)"),
+            ("a refused handshake", "logged with the peer's address and the reason; the "
+             "connection is closed before any DICOM is read",
+             "the result is retried (section 3), the reason in the worklist and the log"),
+        ]),
+    ]

@@ -15,28 +15,90 @@ Decisions (see README "Decoding"):
   LUT Shape INVERSE. MONOCHROME1 with INVERSE (what DX requires) is inverted once.
 - Padding (Pixel Padding Value / Range Limit) is excluded from the automatic window and shown
   black.
+
+Bounded resources (issue 10: an 8192x8192 RLE image in a 2 MB file took the worker to 1.9 GB,
+a 0.9 MB deflated data set inflating to 512 MB to 1.3 GB; both were scored). Every size is
+checked before the bytes are made, against :class:`cxr_worker.sizes.Limits` (``[limits]`` in
+the settings; set process-wide by the composition root, :func:`cxr_worker.sizes.set_limits`):
+
+- the file (``limits.max_dataset_bytes``, the listener's limit on a received data set);
+- the decoded size the header declares, Rows x Columns x Samples per Pixel x Number of Frames
+  x Bits Allocated / 8 (``limits.max_decoded_bytes``), before any pixel is decoded;
+- a Deflated Explicit VR Little Endian data set is inflated piece by piece, never past
+  ``limits.max_inflated_bytes`` (:class:`cxr_worker.sizes.InflatingReader`), not by pydicom
+  (which inflates the whole stream at once, however large);
+- declared against actual: a compressed frame whose own header (JPEG SOF, JPEG-LS SOF55,
+  JPEG 2000 SIZ) gives another size than Rows x Columns x Samples is refused before the
+  decoder allocates for it; RLE is decoded by pylibjpeg-rle, whose output buffer is sized from
+  Rows x Columns and which stops (panics, caught) at the first byte beyond it. pydicom's own
+  RLE decoder decodes a whole segment before it compares its length (a 2-byte run gives 128
+  bytes: 64 times the file), so it is only used after the segment lengths are checked.
+
+Memory ceiling of one decode (:func:`display_image`): the whole chain stored value -> Modality
+LUT -> VOI -> inversion -> padding -> [0, 255] is a function of the stored value alone, so it
+is computed once per possible stored value (a table of 256 or 65,536 entries; the automatic
+window's percentiles come from the histogram of stored values, exactly) and applied to the
+frame strip by strip into a float32 image (within 1e-5 of float64 arithmetic on the pixels).
+Peak: the file's Pixel Data + the decoded frame + 4 bytes per displayed pixel + about 12 MiB
+of strips and tables; measured with tracemalloc on a 4096 x 4096 16-bit frame: 109 MiB,
+against 416 MiB for the float64 chain it replaces (13 bytes per pixel). A frame of more than
+:data:`DISPLAY_MAX_PIXELS` (4096 x 4096; a 43 x 35 cm detector at 100 um is 4300 x 3500, under
+it) is shown reduced by an integer factor (mean of f x f blocks, the last partial row and
+column of blocks dropped), so that the display image, and the copies the scorer and the
+report make of it, stay under 64 MiB.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
+import math
+import os
 import struct
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.encaps import get_frame
 from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.pixels.utils import pixel_array
-from pydicom.uid import UID, JPEGLSLossless, JPEGLSNearLossless
+from pydicom.pixels.utils import (  # _get_jpg_parameters: private, pydicom's only SOF parser
+    _get_jpg_parameters,
+    pixel_array,
+)
+from pydicom.tag import BaseTag
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    JPEG2000TransferSyntaxes,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
+    RLELossless,
+)
 
-from cxr_worker.errors import CxrWorkerError, DecodeError, UnsupportedTransferSyntaxError
+from cxr_worker.errors import (
+    CxrWorkerError,
+    DecodeError,
+    LimitExceededError,
+    UnsupportedTransferSyntaxError,
+)
+from cxr_worker.sizes import (
+    InflatingReader,
+    Limits,
+    MiB,
+    check_decoded_size,
+    current_limits,
+    read_deflated,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +107,13 @@ MAX_SIDE = 8192
 AUTO_WINDOW_PERCENTILES = (0.5, 99.5)
 
 FloatImage = NDArray[np.float64]
+DisplayImage = NDArray[np.float32]
+
+# a frame with more pixels is displayed (and scored) reduced by an integer factor; 4096 x 4096
+DISPLAY_MAX_PIXELS = 1 << 24
+_STRIP_PIXELS = 1 << 20  # pixels gathered per strip (a float32 strip is 4 MiB)
+# allowance for the preamble and file meta on top of ``max_dataset_bytes`` for a file
+_FILE_META_ALLOWANCE = 1 * MiB
 
 # What pydicom, numpy and the decoder plug-ins raise on malformed headers or pixel data (a value
 # that does not convert, a missing or mistyped element, a short buffer). Anything else is a
@@ -113,10 +182,45 @@ def _convert_all(ds: Dataset) -> None:
                 _convert_all(item)
 
 
-def read_file(path: str | Path) -> Dataset:
-    """Read a Part 10 file; anything that is not a readable DICOM object is a DecodeError."""
+def _not_group_2(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag.group != 2
+
+
+def _read_deflated_file(path: str | Path, limits: Limits) -> FileDataset | None:
+    """The file, read as :func:`dcmread` would, when it is deflated; None when it is not."""
+    with open(path, "rb") as f:
+        preamble = f.read(128)
+        if f.read(4) != b"DICM":
+            return None  # dcmread says why
+        meta = read_dataset(f, False, True, stop_when=_not_group_2)
+        if str(meta.get("TransferSyntaxUID", "")) != DeflatedExplicitVRLittleEndian:
+            return None
+        dataset = read_deflated(iter(functools.partial(f.read, InflatingReader.CHUNK), b""),
+                                limits.max_inflated_bytes)
+    ds = FileDataset(str(path), dataset, preamble, FileMetaDataset(meta), False, True)
+    ds.set_original_encoding(False, True, dataset.original_character_set)
+    return ds
+
+
+def check_file_size(path: str | Path, limits: Limits | None = None) -> None:
+    """A file larger than a received data set may be (``limits.max_dataset_bytes`` plus
+    1 MiB for the preamble and file meta) is not read: replay and ``score`` read files the
+    listener never bounded."""
+    lim = limits or current_limits()
+    size = os.stat(path).st_size
+    if size > lim.max_dataset_bytes + _FILE_META_ALLOWANCE:
+        raise LimitExceededError(
+            "limits.max_dataset_bytes", f"the file is {size} bytes, more than "
+            f"limits.max_dataset_bytes ({lim.max_dataset_bytes} bytes) allows: not read")
+
+
+def read_file(path: str | Path, limits: Limits | None = None) -> Dataset:
+    """Read a Part 10 file; anything that is not a readable DICOM object is a DecodeError,
+    a file or inflated data set larger than ``limits`` a :class:`LimitExceededError`."""
+    lim = limits or current_limits()
+    check_file_size(path, lim)
     try:
-        ds = dcmread(path)
+        ds = _read_deflated_file(path, lim) or dcmread(path)
         _convert_all(ds)
         sop_class = ds.get("SOPClassUID")
     except (InvalidDicomError, EOFError, ValueError, LookupError, TypeError, ArithmeticError,
@@ -184,7 +288,10 @@ def _check_native_length(ds: Dataset, frames: int) -> None:
 # Plug-in preferred per transfer syntax where the default order picks a slower one: pydicom
 # tries pylibjpeg first, but CharLS (pyjpegls) decodes a 2500x2048 JPEG-LS image in ~91 ms
 # against ~340 ms (measured on the 2-core CPU).
-_PREFERRED_PLUGIN = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls"}
+# RLE: pylibjpeg-rle sizes its output from Rows x Columns and stops at the first byte beyond
+# it; pydicom's own decoder decodes a whole segment first (see the module docstring).
+_PREFERRED_PLUGIN = {JPEGLSLossless: "pyjpegls", JPEGLSNearLossless: "pyjpegls",
+                     RLELossless: "pylibjpeg"}
 
 
 def _plugin(ts: UID) -> str:
@@ -192,6 +299,77 @@ def _plugin(ts: UID) -> str:
     if name and get_decoder(ts).available_plugins and name in get_decoder(ts).available_plugins:
         return name
     return ""
+
+
+def _j2k_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) from a JPEG 2000 codestream's SIZ marker segment
+    (ISO/IEC 15444-1 A.5.1: SOC then SIZ; a JP2 wrapper's boxes may precede them)."""
+    at = frame.find(b"\xff\x4f\xff\x51", 0, 1 << 16)
+    if at < 0 or len(frame) < at + 4 + 38:
+        return None
+    (_, _, x, y, x0, y0, _, _, _, _, components) = struct.unpack(
+        ">HHLLLLLLLLH", frame[at + 4:at + 42])
+    return y - y0, x - x0, components
+
+
+def _codestream_size(ts: UID, frame: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, samples) the frame's own codestream header declares, or None when
+    it cannot be read."""
+    if ts in JPEGTransferSyntaxes or ts in JPEGLSTransferSyntaxes:
+        info = _get_jpg_parameters(frame)
+        return (info["height"], info["width"], info["components"]) if info else None
+    if ts in JPEG2000TransferSyntaxes:
+        return _j2k_size(frame)
+    return None
+
+
+def rle_segment_lengths(frame: bytes) -> list[int]:
+    """Decoded length of each segment of an RLE frame (PS3.5 G.3.1), from its run headers.
+
+    Used only when pylibjpeg-rle is missing, before pydicom's decoder: a pure-Python walk of
+    the run headers (slow, but it holds no decoded byte)."""
+    count = struct.unpack("<L", frame[:4])[0]
+    if not 1 <= count <= 15:
+        raise DecodeError(f"RLE header declares {count} segments")
+    offsets = [*struct.unpack(f"<{count}L", frame[4:4 + 4 * count]), len(frame)]
+    out = []
+    for start, end in itertools.pairwise(offsets):
+        total, pos = 0, start
+        while pos < end:
+            header = frame[pos]
+            if header < 128:  # literal run of header + 1 bytes
+                total += header + 1
+                pos += header + 2
+            elif header > 128:  # the next byte repeated 257 - header times
+                total += 257 - header
+                pos += 2
+            else:
+                pos += 1
+        out.append(total)
+    return out
+
+
+def _check_frame(ds: Dataset, ts: UID, frames: int) -> None:
+    """Declared against actual, before decoding: the first frame's codestream must describe
+    Rows x Columns x Samples per Pixel (a decoder allocates what its codestream says)."""
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    frame = get_frame(ds.PixelData, 0, number_of_frames=frames)
+    if ts == RLELossless:
+        if _plugin(ts) != "pylibjpeg":
+            longest = max(rle_segment_lengths(frame), default=0)
+            if longest > rows * cols + 1:  # one pad byte allowed
+                raise DecodeError(f"an RLE segment decodes to {longest} bytes, the header "
+                                  f"declares {rows} x {cols}: not decoded")
+        return
+    size = _codestream_size(ts, frame)
+    if size is None:
+        raise DecodeError(f"the frame's {ts.name} codestream header cannot be read (its "
+                          "size is checked before decoding): not decoded")
+    if size != (rows, cols, samples):
+        raise DecodeError(
+            f"the frame's {ts.name} codestream is {size[0]} x {size[1]} x {size[2]} "
+            f"sample(s), the header declares {rows} x {cols} x {samples}: not decoded")
 
 
 def _decode_first_frame(ds: Dataset, index: int | None, ts: UID) -> NDArray[Any]:
@@ -209,15 +387,19 @@ def _decode_first_frame(ds: Dataset, index: int | None, ts: UID) -> NDArray[Any]
 
 
 @_decode_errors
-def stored_pixels(ds: Dataset) -> NDArray[Any]:
-    """The first frame's stored values, decoded with the installed plug-ins."""
+def stored_pixels(ds: Dataset, limits: Limits | None = None) -> NDArray[Any]:
+    """The first frame's stored values, decoded with the installed plug-ins, once the sizes
+    are checked (:func:`check_decoded_size`, and declared against actual)."""
     check_header(ds)
+    check_decoded_size(ds, limits)
     ts = _transfer_syntax(ds)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames < 1:
         raise DecodeError(f"Number of Frames {frames}")
     if not ts.is_encapsulated:
         _check_native_length(ds, frames)
+    else:
+        _check_frame(ds, ts, frames)
     try:
         arr = _decode_first_frame(ds, 0 if frames > 1 else None, ts)
     except NotImplementedError as exc:
@@ -227,7 +409,8 @@ def stored_pixels(ds: Dataset) -> NDArray[Any]:
         raise DecodeError(_reason(f"pixel data cannot be decoded ({ts})", exc)) from exc
     if arr.ndim != 2:
         raise DecodeError(f"decoded pixel data has shape {arr.shape}, expected one grey frame")
-    return arr
+    # native byte order (Explicit VR Big Endian gives >u2): a copy only then
+    return arr.astype(arr.dtype.newbyteorder("="), copy=False)
 
 
 @_decode_errors
@@ -360,6 +543,19 @@ def _has_value(ds: Dataset, keyword: str) -> bool:
 @_decode_errors
 def voi(ds: Dataset, values: FloatImage, mask: NDArray[np.bool_] | None) -> FloatImage:
     """Display values in [0, 1] from modality values."""
+
+    def auto_window() -> tuple[float, float]:
+        sample = values[~mask] if mask is not None and (~mask).any() else values.ravel()
+        lo, hi = np.percentile(sample, AUTO_WINDOW_PERCENTILES)
+        return float(lo), float(hi)
+
+    return _voi(ds, values, auto_window)
+
+
+def _voi(ds: Dataset, values: FloatImage, auto_window: Callable[[], tuple[float, float]]
+         ) -> FloatImage:
+    """:func:`voi`, the automatic window's (lo, hi) from ``auto_window`` (asked only when
+    the image has no VOI information)."""
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         item = ds.VOILUTSequence[0]
         out = _apply_lut(ds, item, values)
@@ -374,8 +570,7 @@ def voi(ds: Dataset, values: FloatImage, mask: NDArray[np.bool_] | None) -> Floa
     has_rescale = "ModalityLUTSequence" in ds or rescale(ds) != (1.0, 0.0)
     if bits_stored <= 8 and not has_rescale and int(ds.get("PixelRepresentation", 0)) == 0:
         return values / 255.0
-    sample = values[~mask] if mask is not None and (~mask).any() else values.ravel()
-    lo, hi = np.percentile(sample, AUTO_WINDOW_PERCENTILES)
+    lo, hi = auto_window()
     if hi <= lo:
         raise DecodeError("image has no contrast (all pixels equal)")
     shown: FloatImage = np.clip((values - lo) / (hi - lo), 0.0, 1.0)
@@ -388,16 +583,120 @@ def needs_inversion(ds: Dataset) -> bool:
     return photometric == "MONOCHROME1" or shape == "INVERSE"
 
 
+def _lerp(a: float, b: float, t: float) -> float:
+    """numpy's linear interpolation (``numpy.lib._function_base_impl._lerp``), so that the
+    percentiles below equal ``np.percentile``'s to the last bit but rounding."""
+    diff = b - a
+    return b - diff * (1 - t) if t >= 0.5 else a + diff * t
+
+
+def weighted_percentiles(values: FloatImage, counts: NDArray[np.int64],
+                         percentiles: tuple[float, ...]) -> tuple[float, ...]:
+    """``np.percentile`` (linear method) of the sample holding ``counts[i]`` copies of
+    ``values[i]``, without making the sample: the automatic window from a histogram."""
+    order = np.argsort(values, kind="stable")
+    keep = counts[order] > 0
+    v, cum = values[order][keep], np.cumsum(counts[order][keep])
+    n = int(cum[-1])
+    out = []
+    for q in np.asarray(percentiles, dtype=np.float64) / 100.0:
+        virtual = n * q + (1 + q * (1 - 1 - 1)) - 1  # numpy's, alpha = beta = 1
+        below = min(max(math.floor(virtual), 0), n - 1)
+        a = float(v[np.searchsorted(cum, below, side="right")])
+        b = float(v[np.searchsorted(cum, min(below + 1, n - 1), side="right")])
+        out.append(_lerp(a, b, float(virtual - below)))
+    return tuple(out)
+
+
+_TABLE_DTYPES = {np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16)}
+
+
+def _indices(stored: NDArray[Any]) -> NDArray[Any]:
+    """The stored values' bit patterns (uint8/uint16): the index into a display table."""
+    if stored.dtype not in _TABLE_DTYPES:
+        raise DecodeError(f"decoded pixel type {stored.dtype} not supported")
+    return stored.view(np.dtype(f"u{stored.dtype.itemsize}"))
+
+
+def _strips(rows: int, cols: int, unit: int = 1) -> Iterator[slice]:
+    step = max(1, _STRIP_PIXELS // max(cols * unit, 1))
+    for r in range(0, rows, step):
+        yield slice(r, min(r + step, rows))
+
+
+def histogram(stored: NDArray[Any]) -> NDArray[np.int64]:
+    """How many pixels hold each bit pattern (256 or 65,536 counts), strip by strip."""
+    index = _indices(stored)
+    size = 1 << (8 * index.dtype.itemsize)
+    counts = np.zeros(size, np.int64)
+    flat = index.reshape(index.shape[0], -1)
+    for rows in _strips(flat.shape[0], flat.shape[1]):
+        counts += np.bincount(flat[rows].ravel(), minlength=size)
+    return counts
+
+
 @_decode_errors
-def display_image(ds: Dataset) -> FloatImage:
-    """The radiograph as a radiologist would see it: [0, 255], bone bright, padding black."""
-    stored = stored_pixels(ds)
-    mask = padding_mask(ds, stored)
-    shown = voi(ds, modality_lut(ds, stored), mask)
+def display_table(ds: Dataset, stored: NDArray[Any]) -> FloatImage:
+    """Display value (0..255) of every possible stored value, indexed by its bit pattern.
+
+    The same functions as on a frame (:func:`modality_lut`, :func:`voi`, inversion,
+    padding), applied to the 256 or 65,536 values instead of the pixels: every step maps a
+    pixel by its stored value alone. The automatic window's percentiles come from the
+    frame's histogram, padding values excluded (unless every pixel is padding), which is the
+    sample ``np.percentile`` was given before.
+    """
+    index = _indices(stored)
+    domain = np.arange(1 << (8 * index.dtype.itemsize), dtype=index.dtype).view(stored.dtype)
+    counts = histogram(stored)
+    mask = padding_mask(ds, domain)
+    values = modality_lut(ds, domain)
+    window_counts = counts if mask is None else np.where(mask, 0, counts)
+    if not window_counts.any():
+        window_counts = counts
+
+    def auto_window() -> tuple[float, float]:
+        lo, hi = weighted_percentiles(values, window_counts, AUTO_WINDOW_PERCENTILES)
+        return lo, hi
+
+    shown = _voi(ds, values, auto_window)
     if needs_inversion(ds):
         shown = 1.0 - shown
     if mask is not None:
         shown = np.where(mask, 0.0, shown)
-    if not np.isfinite(shown).all():
+    if not np.isfinite(shown[counts > 0]).all():
         raise DecodeError("pixel values are not finite after the LUTs")
-    return shown * 255.0
+    table: FloatImage = shown * 255.0
+    return table
+
+
+def reduction(rows: int, cols: int) -> int:
+    """The integer factor a frame is reduced by for display: 1 up to DISPLAY_MAX_PIXELS."""
+    return max(1, math.ceil(math.sqrt(rows * cols / DISPLAY_MAX_PIXELS)))
+
+
+def apply_table(table: FloatImage, stored: NDArray[Any]) -> DisplayImage:
+    """``table[stored]`` as float32, strip by strip (never an int64 or float64 copy of the
+    frame), reduced by :func:`reduction` (mean of f x f blocks)."""
+    lut = table.astype(np.float32)
+    index = _indices(stored)
+    rows, cols = index.shape
+    f = reduction(rows, cols)
+    if f == 1:
+        out = np.empty((rows, cols), np.float32)
+        for strip in _strips(rows, cols):
+            np.take(lut, index[strip], out=out[strip])
+        return out
+    h, w = rows // f, cols // f
+    out = np.empty((h, w), np.float32)
+    for strip in _strips(h, cols, f):
+        block = np.take(lut, index[strip.start * f:strip.stop * f, :w * f])
+        out[strip] = block.reshape(-1, f, w, f).mean(axis=(1, 3), dtype=np.float64)
+    return out
+
+
+@_decode_errors
+def display_image(ds: Dataset, limits: Limits | None = None) -> DisplayImage:
+    """The radiograph as a radiologist would see it: [0, 255], bone bright, padding black;
+    float32, reduced when it has more than DISPLAY_MAX_PIXELS (see the module docstring)."""
+    stored = stored_pixels(ds, limits)
+    return apply_table(display_table(ds, stored), stored)

@@ -53,8 +53,36 @@ def check_config(path: str | None) -> tuple[Check, Settings | None]:
                  f"{s.listener.host}:{s.listener.port})"), s
 
 
+def check_tls(s: Settings) -> Check:
+    """The TLS files load (as ``serve`` loads them) and no private key is readable by
+    others."""
+    from cxr_worker import tls
+
+    if not s.listener.tls_certificate and not s.pacs.tls:
+        return Check("tls", SKIP, "not configured: the listener and the PACS connection are "
+                     "plain DICOM")
+    try:
+        tls.server_context(s.listener)
+        tls.client_context(s.pacs)
+    except CxrWorkerError as exc:
+        return Check("tls", FAIL, str(exc), "correct the file or the key named")
+    used = []
+    if s.listener.tls_certificate:
+        clients = ("required" if s.listener.tls_require_client_certificate else "optional")
+        used.append(f"listener (client certificates {clients})")
+    if s.pacs.tls:
+        used.append("PACS")
+    detail = f"{' and '.join(used)}: certificates and keys load"
+    for key, path in (("listener.tls_private_key", s.listener.tls_private_key),
+                      ("pacs.tls_private_key", s.pacs.tls_private_key)):
+        if path and tls.readable_by_others(path):
+            return Check("tls", WARN, f"{detail}, but {key} {path} is readable by every user",
+                         f"chmod o-r {path} (0600, or 0640 with the worker's group)")
+    return Check("tls", OK, detail)
+
+
 def check_listener(s: Settings) -> Check:
-    from cxr_worker import send
+    from cxr_worker import send, tls
 
     host, port = s.listener.host, s.listener.port
     where = f"{host}:{port}"
@@ -71,8 +99,7 @@ def check_listener(s: Settings) -> Check:
                          "set [listener] host to an address of this machine (ports below "
                          "1024 need CAP_NET_BIND_SERVICE)")
         try:
-            send.echo(send.Peer(s.listener.ae_title, host, port, "CXR_DOCTOR",
-                                SELF_ECHO_TIMEOUT))
+            send.echo(tls.self_peer(s, "CXR_DOCTOR", SELF_ECHO_TIMEOUT))
         except Exception as echo_exc:  # whatever holds the port, it is not our listener
             return Check("listener", FAIL, f"{where} is in use by another program (C-ECHO as "
                          f"{s.listener.ae_title}: {echo_exc})",
@@ -154,15 +181,16 @@ def check_model(s: Settings) -> Check:
 
 
 def check_pacs(s: Settings) -> Check:
-    from cxr_worker import send
+    from cxr_worker import send, tls
 
     if not s.pacs_configured:
         return Check("pacs", SKIP, "not configured: results stay in the worklist and under "
                      "data_dir/results")
     target = f"{s.pacs.ae_title}@{s.pacs.host}:{s.pacs.port}"
     try:
-        send.echo(send.Peer(s.pacs.ae_title, s.pacs.host, s.pacs.port, s.listener.ae_title,
-                            s.pacs.timeout_seconds))
+        peer = tls.pacs_peer(s)
+        assert peer is not None
+        send.echo(peer)
     except Exception as exc:
         return Check("pacs", FAIL, f"C-ECHO {target} failed: {exc}",
                      f"check [pacs] ae_title, host and port, and that the PACS knows this "
@@ -176,6 +204,7 @@ def run(config_path: str | None) -> Iterator[Check]:
     yield check
     if s is None:
         return
+    yield check_tls(s)
     yield check_listener(s)
     yield check_database(s)
     yield check_disk(s)

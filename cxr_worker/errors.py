@@ -11,7 +11,8 @@
     ├── NotScoredError         an image that is kept but not scored; ``reason`` is recorded
     │   ├── OutOfScopeError    the gate refused it (``rule`` names the rule)
     │   ├── DecodeError        its pixels cannot be turned into model input
-    │   │   └── UnsupportedTransferSyntaxError
+    │   │   ├── UnsupportedTransferSyntaxError
+    │   │   └── LimitExceededError larger than a ``[limits]`` setting allows (``setting``)
     │   └── QuarantinedError   not scored, and the file moved to the quarantine folder
     ├── SpoolError             the spool could not store a dataset durably
     ├── UIDConflictError       a SOP Instance UID already held for another study or patient
@@ -86,6 +87,20 @@ class DecodeError(NotScoredError):
 
 class UnsupportedTransferSyntaxError(DecodeError):
     """No installed decoder handles the transfer syntax."""
+
+
+class LimitExceededError(DecodeError):
+    """The image is larger than a ``[limits]`` setting allows: its data set, its declared
+    decoded size or its inflated size. ``setting`` names the key (``limits.max_decoded_bytes``);
+    the reason quotes only sizes and the limit, never a value of the header's text.
+
+    The listener answers it with a DICOM status (nothing written); the pipeline quarantines
+    the file (it is a DecodeError) with the reason.
+    """
+
+    def __init__(self, setting: str, reason: str) -> None:
+        super().__init__(reason)
+        self.setting = setting
 
 
 class QuarantinedError(NotScoredError):

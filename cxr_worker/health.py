@@ -121,10 +121,15 @@ class Readiness:
     engine: Engine | None = None
     spool_dir: Path | None = None
     pacs: PacsEcho | None = None
+    # what this process needs to be ready: ``cxr-worker web`` (no model, no spool) only the
+    # database
+    needs: tuple[str, ...] = ("model", "database", "spool")
 
     def check(self) -> tuple[bool, dict[str, Any]]:
-        checks = {"model": check_model(self.scorer), "database": check_database(self.engine),
-                  "spool": check_spool(self.spool_dir)}
+        run = {"model": lambda: check_model(self.scorer),
+               "database": lambda: check_database(self.engine),
+               "spool": lambda: check_spool(self.spool_dir)}
+        checks = {name: run[name]() for name in self.needs}
         failed = [name for name, c in checks.items() if not c["ok"]]
         body: dict[str, Any] = {"ready": not failed, "failed": failed, "checks": checks}
         if self.pacs is not None:  # reported, never a reason to be unready

@@ -1,28 +1,41 @@
-"""Timed work, driven by APScheduler: draining the queue (process, send, retries) and retention.
+"""The service's background work: scoring, delivery, retention, the orphan sweep, C-ECHO.
 
-Retries are rows whose ``next_attempt_at`` lies in the future; the drain job picks them up when
-due, so exponential backoff needs no timer of its own. The C-STORE handler calls
-:meth:`Jobs.wake` so a new image is processed at once rather than at the next tick.
+Scoring and delivery each run on a thread of their own (:class:`Loop`), so that a PACS that
+hangs (it accepts the TCP connection, then answers nothing) delays only delivery: scoring goes
+on at full speed. Decision: threads rather than APScheduler jobs, because a shutdown must not
+wait for them (a hung send, a long decode) and APScheduler's pool threads are joined when the
+interpreter exits; one association at a time to the PACS, as before.
+
+Each loop runs when woken and every ``jobs.poll_seconds``. Retries are rows whose
+``next_attempt_at`` lies in the future; a loop picks them up when due, so exponential backoff
+needs no timer of its own. The C-STORE handler calls :meth:`Jobs.wake` so a new image is scored
+at once; each scored result wakes the sender the same way. Retention, the orphan sweep and the
+PACS C-ECHO are APScheduler interval jobs.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, or_, select
 from sqlalchemy.orm import Session
 
 from cxr_worker.pipeline import Pipeline
+from cxr_worker.spool import Spool, heatmap_path_for
 from cxr_worker.worklist.models import Instance, Status, utcnow
 
 logger = logging.getLogger(__name__)
 
-DRAIN = "drain"
+PROCESS = "process"
+SEND = "send"
 RETENTION = "retention"
+SWEEP = "sweep"
 PACS_ECHO = "pacs_echo"
 PACS_ECHO_SECONDS = 60.0
 
@@ -30,6 +43,7 @@ PACS_ECHO_SECONDS = 60.0
 def apply_retention(engine: Engine, retention_days: float, pacs_configured: bool) -> int:
     """Delete spooled images and results of finished instances older than the retention.
 
+    The result's heatmap (``<sop>.heatmap.png`` beside it) goes with the result.
     Finished: sent, not scored, or scored when no PACS is configured. Failed (dead-letter)
     instances are kept for the operator. Rows stay (the worklist keeps its history);
     their file paths are cleared. Returns the number of instances cleaned.
@@ -42,7 +56,8 @@ def apply_retention(engine: Engine, retention_days: float, pacs_configured: bool
             Instance.status.in_(finished), Instance.received_at < cutoff,
             Instance.spool_path != "")).all()
         for row in rows:
-            for p in (row.spool_path, row.result_path):
+            heatmap = heatmap_path_for(row.result_path) if row.result_path else None
+            for p in (row.spool_path, row.result_path, heatmap):
                 if p:
                     Path(p).unlink(missing_ok=True)
             row.spool_path = ""
@@ -53,35 +68,171 @@ def apply_retention(engine: Engine, retention_days: float, pacs_configured: bool
     return cleaned
 
 
+def _row_key(path: str) -> str:
+    """A worklist path's ``<study>/<file>`` (see :meth:`Spool.stored_files`)."""
+    p = Path(path)
+    return f"{p.parent.name}/{p.name}"
+
+
+def _referenced(engine: Engine, column: str) -> set[str]:
+    """The ``<study>/<file>`` keys of every non-empty ``spool_path`` or ``result_path``."""
+    col = getattr(Instance, column)
+    with Session(engine) as s:
+        return {_row_key(p) for p in s.scalars(select(col).where(col.is_not(None), col != ""))}
+
+
+def _is_referenced(engine: Engine, column: str, key: str) -> bool:
+    col = getattr(Instance, column)
+    pattern = "%/" + key.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    with Session(engine) as s:
+        return s.scalars(select(Instance.id).where(
+            or_(col.like(pattern, escape="\\"), col == key)).limit(1)).first() is not None
+
+
+def _unreferenced(engine: Engine, column: str, key: str) -> Callable[[], bool]:
+    return lambda: not _is_referenced(engine, column, key)
+
+
+def sweep_orphans(engine: Engine, spool: Spool, grace_seconds: float,
+                  now: float | None = None) -> dict[str, int]:
+    """Remove what no crash recovery or retention ever will, once older than ``grace_seconds``:
+    temporary files (a write that died with its process, ``kill -9``), and spooled images and
+    results no worklist row refers to (a store the database refused after the file was
+    written). Returns the counts: ``{"temporary", "spool", "results"}``.
+
+    A row refers to a file by its path; the comparison uses the path's ``<study>/<file>``
+    part, so moving ``data_dir`` never makes every file look unreferenced. Never removed: a
+    file a row refers to, one younger than the grace period (a store or a write in progress),
+    anything in the quarantine but temporary files (the operator's), files not laid out by the
+    spool. Logged with the counts.
+    """
+    cutoff = (time.time() if now is None else now) - grace_seconds
+    counts = {"temporary": spool.remove_old_temp_files(cutoff), "spool": 0, "results": 0}
+    for kind, folder, column in (("spool", spool.spool_dir, "spool_path"),
+                                 ("results", spool.results_dir, "result_path")):
+        old = list(spool.stored_files(folder, cutoff))
+        if not old:
+            continue
+        referenced = _referenced(engine, column)
+        for key, path in old:
+            if key in referenced:
+                continue
+            if spool.remove_if_orphan(path, cutoff, _unreferenced(engine, column, key)):
+                counts[kind] += 1
+    if any(counts.values()):
+        logger.info("orphan sweep: removed %d temporary files, %d spooled images and %d "
+                    "results no worklist row refers to (older than %.0f s)",
+                    counts["temporary"], counts["spool"], counts["results"], grace_seconds)
+    else:
+        logger.debug("orphan sweep: nothing to remove")
+    return counts
+
+
+class Loop:
+    """A daemon thread that runs ``work`` when woken, and every ``poll_seconds``.
+
+    Daemon: the interpreter's exit never waits for it; :meth:`Jobs.stop` waits for it, as
+    long as the shutdown allows.
+    """
+
+    def __init__(self, name: str, work: Callable[[], object], poll_seconds: float) -> None:
+        self.name = name
+        self._work = work
+        self._poll = poll_seconds
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"cxr-{name}", daemon=True)
+
+    def start(self) -> None:
+        self._wake.set()  # a first round at once: what the last run left due
+        self.thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def join(self, timeout: float) -> bool:
+        """Wait at most ``timeout`` seconds; True when the thread has ended (or never ran)."""
+        if self.thread.ident is not None:
+            self.thread.join(max(timeout, 0.0))
+        return not self.thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._poll)
+            self._wake.clear()  # before the work: a wake-up during it means another round
+            if self._stop.is_set():
+                break
+            try:
+                self._work()
+            except Exception:  # e.g. the database unreachable: logged, tried again next round
+                logger.exception("%s: unexpected error", self.name)
+
+
 class Jobs:
     def __init__(self, pipeline: Pipeline, poll_seconds: float, retention_days: float,
                  retention_interval_seconds: float, *,
                  pacs_echo: Callable[[], object] | None = None,
-                 pacs_echo_seconds: float = PACS_ECHO_SECONDS) -> None:
+                 pacs_echo_seconds: float = PACS_ECHO_SECONDS,
+                 orphan_grace_seconds: float = 3600.0) -> None:
         self.pipeline = pipeline
+        self.process = Loop(PROCESS, pipeline.process_pending, poll_seconds)
+        self.send: Loop | None = None
+        if pipeline.pacs is not None and not pipeline.hold_results:
+            self.send = Loop(SEND, pipeline.send_pending, poll_seconds)
+            pipeline.on_scored = self.send.wake
         self.scheduler = BackgroundScheduler(timezone="UTC")
-        self.scheduler.add_job(
-            pipeline.drain, "interval", seconds=poll_seconds, id=DRAIN, max_instances=1,
-            coalesce=True, misfire_grace_time=None)
         self.scheduler.add_job(
             apply_retention, "interval", seconds=retention_interval_seconds, id=RETENTION,
             args=[pipeline.engine, retention_days, pipeline.pacs is not None],
+            max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.UTC))
+        self.scheduler.add_job(
+            sweep_orphans, "interval", seconds=retention_interval_seconds, id=SWEEP,
+            args=[pipeline.engine, pipeline.spool, orphan_grace_seconds],
             max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.UTC))
         if pacs_echo is not None:  # reported by /readyz and /metrics; never stops the worker
             self.scheduler.add_job(
                 pacs_echo, "interval", seconds=pacs_echo_seconds, id=PACS_ECHO, max_instances=1,
                 coalesce=True, next_run_time=dt.datetime.now(dt.UTC))
 
+    @property
+    def loops(self) -> list[Loop]:
+        return [self.process, *([self.send] if self.send is not None else [])]
+
     def start(self) -> None:
         self.scheduler.start()
+        for loop in self.loops:
+            loop.start()
 
     def wake(self) -> None:
-        """Run the drain job now (called from the C-STORE handler's thread)."""
-        try:
-            self.scheduler.modify_job(DRAIN, next_run_time=dt.datetime.now(dt.UTC))
-        except Exception:  # the scheduler is shutting down; the next start drains
-            logger.debug("wake ignored: scheduler not running", exc_info=True)
+        """Score now (called from the C-STORE handler's thread)."""
+        self.process.wake()
 
-    def stop(self) -> None:
-        """Stop scheduling and wait for the running drain to finish its current jobs."""
-        self.scheduler.shutdown(wait=True)
+    def stop(self, deadline: float, send_grace: float = 1.0) -> bool:
+        """Stop by ``deadline`` (a ``time.monotonic()``): no job starts any more; the send in
+        progress gets ``send_grace`` seconds, then its association is aborted; the scoring in
+        progress gets until ``deadline``. True when every loop has ended; False when one is
+        still busy (its lease is given back by the caller, and the job done again at the next
+        start).
+
+        The pipeline's ``stopping`` must be set first, so that an aborted send is not counted
+        as a failed attempt.
+        """
+        for loop in self.loops:
+            loop.stop()
+        # not waited for: retention and the sweep are short; a C-ECHO to a PACS that hangs is
+        # the caller's to abort (send.OUTBOUND)
+        self.scheduler.shutdown(wait=False)
+        if self.send is not None and not self.send.join(
+                min(send_grace, deadline - time.monotonic())):
+            aborted = self.pipeline.abort_sends()
+            logger.info("shutdown: aborted %d association(s) of the send in progress", aborted)
+        ended = [loop.join(deadline - time.monotonic()) for loop in self.loops]
+        for loop, done in zip(self.loops, ended, strict=True):
+            if not done:
+                logger.warning("shutdown: the %s job did not finish in time; its lease is given "
+                               "back and it is done again at the next start", loop.name)
+        return all(ended)

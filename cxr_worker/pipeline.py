@@ -10,6 +10,12 @@ A job's outcome is always written to the worklist:
 - unexpected error: retried with exponential backoff, then ``failed`` (dead letter);
 - scored: the Secondary Capture is written under ``results/`` before the row says ``scored``,
   then sent (when a PACS is configured) until the PACS accepts it.
+
+Scoring and delivery are separate loops (:meth:`Pipeline.process_pending`,
+:meth:`Pipeline.send_pending`) that the service runs on threads of their own
+(:mod:`cxr_worker.jobs`): a PACS that hangs delays only delivery, never triage. Each scored
+result wakes the sender (:attr:`Pipeline.on_scored`). :meth:`Pipeline.drain` runs both in turn
+on the caller's thread, for one-shot use (tests, and the same order as ``replay``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +43,9 @@ from cxr_worker.errors import (
 )
 from cxr_worker.inputs import IMAGE_SUFFIXES
 from cxr_worker.metrics import Metrics
+from cxr_worker.model import heatmap as cam
 from cxr_worker.score import Score, Scorer
-from cxr_worker.spool import Spool, atomic_write
+from cxr_worker.spool import Spool, atomic_write, heatmap_path_for
 from cxr_worker.worklist import queue
 from cxr_worker.worklist.models import utcnow
 
@@ -75,6 +83,11 @@ class Pipeline:
         self.hold_results = hold_results  # replay --no-send: build results, never send
         self.only_ids = only_ids  # replay: touch only the replayed instances
         self.stopping = threading.Event()  # set at shutdown: finish the current job only
+        # the outbound associations of this pipeline's sends, aborted at shutdown
+        self.outbound = send.Outbound()
+        # called after each result that is to be sent is scored (the service wakes its
+        # sender); from the scoring thread, so it must not block
+        self.on_scored: Callable[[], None] = _nothing
         self.metrics = metrics if metrics is not None else Metrics()
         if pacs is not None:
             self.metrics.add_destination(pacs.ae_title)
@@ -125,13 +138,15 @@ class Pipeline:
         with m.stage("score"):
             score = self.scorer.score(x)
         with m.stage("report"):
+            # Grad-CAM from the feature maps the score kept: no second inference
+            heat = self.scorer.heatmap(x) if self.report_cfg.heatmap else None
             try:
                 sc = report.build_secondary_capture(
                     ds, display, probability=score.probability, label=score.label,
                     threshold=score.threshold, model_version=score.model_version,
                     cfg=self.report_cfg, population=gate_result.population,
                     population_text=gate_result.population_text,
-                    threshold_source=score.threshold_source)
+                    threshold_source=score.threshold_source, heatmap=heat)
             except (ValueError, TypeError) as exc:
                 # highdicom refuses a source value it copies: the same on every attempt, so
                 # not retried; the message is not quoted (it may quote patient data)
@@ -139,6 +154,12 @@ class Pipeline:
                     f"the result cannot be built from this image's patient or study "
                     f"attributes ({type(exc).__name__}; the value is not shown)") from None
             result_path = self.spool.result_path(job.study_instance_uid, job.sop_instance_uid)
+            heat_path = heatmap_path_for(result_path)
+            if heat is None:  # off, or a model without heatmap outputs: none left from before
+                heat_path.unlink(missing_ok=True)
+            else:
+                png = cam.png_bytes(heat)
+                atomic_write(heat_path, lambda f: f.writelines([png]))
             atomic_write(result_path, lambda f: sc.save_as(f, enforce_file_format=True))
         scored = queue.mark_scored(
             self.engine, job, self.owner, hold=self.hold_results,
@@ -151,6 +172,8 @@ class Pipeline:
             m.time_to_flag.observe(max((utcnow() - since).total_seconds(), 0.0))
         logger.info("scored %s: %s p=%.3f (%s)", job.sop_instance_uid, score.label,
                     score.probability, gate_result.population)
+        if scored and not self.hold_results and self.pacs is not None:
+            self.on_scored()
 
     # -- sending ------------------------------------------------------------------------
     def send_next(self) -> bool:
@@ -166,8 +189,14 @@ class Pipeline:
             if not job.result_path:
                 raise SendError("no result file recorded")
             with self.metrics.stage("send"):
-                send.store(self.pacs, dcmread(job.result_path))
+                send.store(self.pacs, dcmread(job.result_path), self.outbound)
         except (SendError, OSError, InvalidDicomError) as exc:
+            if self.stopping.is_set():
+                # aborted by the shutdown, not refused by the PACS: no attempt counted; the
+                # lease is given back and the result sent again at the next start
+                logger.info("sending result of %s interrupted by the shutdown",
+                            job.sop_instance_uid)
+                return True
             self.metrics.delivery_failures.labels(destination).inc()
             status = queue.mark_attempt_failed(self.engine, job, self.owner, "send", str(exc),
                                                policy=self.retry)
@@ -180,6 +209,25 @@ class Pipeline:
                         job.sop_instance_uid)
         return True
 
+    def abort_sends(self) -> int:
+        """Abort the association of the send in progress, if any, and start no other (at
+        shutdown, from another thread); returns how many associations were aborted."""
+        return self.outbound.abort_all(refuse_new=True)
+
+    def process_pending(self, max_jobs: int = 100) -> int:
+        """Score until nothing is due (or ``max_jobs``, or shutdown); returns jobs done."""
+        done = 0
+        while done < max_jobs and not self.stopping.is_set() and self.process_next():
+            done += 1
+        return done
+
+    def send_pending(self, max_jobs: int = 100) -> int:
+        """Deliver until nothing is due (or ``max_jobs``, or shutdown); returns jobs done."""
+        done = 0
+        while done < max_jobs and not self.stopping.is_set() and self.send_next():
+            done += 1
+        return done
+
     def drain(self, max_jobs: int = 100) -> int:
         """Process, then send, until nothing is due (or ``max_jobs``); returns jobs done."""
         done = 0
@@ -190,6 +238,10 @@ class Pipeline:
                 break
             done += 1
         return done
+
+
+def _nothing() -> None:
+    pass
 
 
 # -- the one scoring path outside the queue (score, calibrate) -------------------------------

@@ -17,10 +17,27 @@ never exceptions (PS3.4 Annex B.2.3 / GG.4):
   Instance UID is already held for another study or another patient: the existing row and
   file are kept and the conflict is logged (UIDs only; the Patient ID is compared as a hash).
   A re-send for the same study and patient is a success and is processed again.
+- 0xC212, 0xC213, 0xC214 Error: Cannot understand (this worker's codes), when the data set is
+  larger than a ``[limits]`` setting allows (issue 10, decompression amplification): 0xC212
+  the data set as received (``limits.max_dataset_bytes``), 0xC213 the decoded size its header
+  declares, Rows x Columns x Samples x Frames x Bits Allocated / 8
+  (``limits.max_decoded_bytes``), 0xC214 a Deflated Explicit VR Little Endian data set that
+  inflates beyond ``limits.max_inflated_bytes``. Nothing is written. Cxxx, not A700: A700
+  tells the sender to retry later, and the same image would be refused again on every
+  retry; the limits are the site's to raise.
+
+Bounded receive (:class:`BoundedDataSet`): pynetdicom buffers a C-STORE data set in memory
+whole before the handler runs, whatever its size. An ``EVT_PDU_RECV`` handler
+(:func:`bound_data_set`) gives every DIMSE message a data set buffer that holds at most
+``limits.max_dataset_bytes``: past that it drops what it holds and only counts the rest, and
+the C-STORE is answered 0xC212 when its last fragment arrives (a DIMSE response cannot come
+earlier). A deflated data set is inflated piece by piece and only its header kept
+(:func:`cxr_worker.sizes.read_deflated`), never whole as ``event.dataset`` would.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import zlib
@@ -34,7 +51,9 @@ from pydicom.filebase import DicomFileLike
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.dimse_messages import DIMSEMessage
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
@@ -44,7 +63,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from sqlalchemy import Engine
 
-from cxr_worker.errors import SpoolError, UIDConflictError
+from cxr_worker import listener, sizes
+from cxr_worker.errors import LimitExceededError, SpoolError, UIDConflictError
 from cxr_worker.spool import Spool, atomic_write, is_valid_uid
 from cxr_worker.worklist import queue
 
@@ -55,6 +75,9 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC210
 STATUS_UID_CONFLICT = 0xC211
+STATUS_DATASET_TOO_LARGE = 0xC212
+STATUS_DECODED_TOO_LARGE = 0xC213
+STATUS_INFLATES_TOO_LARGE = 0xC214
 
 # every status the handlers return, with its meaning for the sender (the conformance
 # statement, ``cxr-worker conformance``, is generated from this table)
@@ -74,6 +97,16 @@ STORE_STATUSES: dict[int, str] = {
     STATUS_UID_CONFLICT: "Error: Cannot understand: the SOP Instance UID is already held for "
                          "another study or patient; the image held is kept, nothing is "
                          "written (a re-send for the same study and patient succeeds)",
+    STATUS_DATASET_TOO_LARGE: "Error: Cannot understand: the data set is larger than "
+                              "`limits.max_dataset_bytes`; it is dropped as it arrives, "
+                              "nothing is written",
+    STATUS_DECODED_TOO_LARGE: "Error: Cannot understand: the decoded size the header "
+                              "declares (Rows x Columns x Samples per Pixel x Number of "
+                              "Frames x Bits Allocated / 8) is larger than "
+                              "`limits.max_decoded_bytes`; nothing is written",
+    STATUS_INFLATES_TOO_LARGE: "Error: Cannot understand: the Deflated Explicit VR Little "
+                               "Endian data set inflates to more than "
+                               "`limits.max_inflated_bytes`; nothing is written",
 }
 
 ACCEPTED_STORAGE = (
@@ -96,12 +129,15 @@ class ListenerConfig:
     ae_title: str
     allowed_calling_ae_titles: tuple[str, ...]
     accept_dx_for_processing: bool
-    # association limits (``[listener]`` settings; defaults equal the settings' defaults)
+    # association limits (``[listener]`` settings; defaults equal the settings' defaults),
+    # enforced by :mod:`cxr_worker.listener`
     max_pdu_bytes: int = MAX_PDU_SIZE
     max_associations: int = 32
+    max_associations_per_host: int = 8
     network_timeout_seconds: float = 10.0
     acse_timeout_seconds: float = 10.0
     dimse_timeout_seconds: float = 30.0
+    check_called_ae_title: bool = True
 
 
 def storage_classes(cfg: ListenerConfig) -> tuple[str, ...]:
@@ -128,13 +164,16 @@ def transfer_syntaxes() -> list[str]:
     return out
 
 
-def make_ae(cfg: ListenerConfig) -> AE:
-    ae = AE(ae_title=cfg.ae_title)
-    ae.maximum_pdu_size = cfg.max_pdu_bytes
-    ae.maximum_associations = cfg.max_associations
-    ae.network_timeout = cfg.network_timeout_seconds
+def make_ae(cfg: ListenerConfig) -> listener.ListenerAE:
+    """The listener's AE: its servers (``ae.start_server``) admit, bound and log
+    associations as :mod:`cxr_worker.listener` describes."""
+    ae = listener.ListenerAE(cfg.ae_title, listener.Limits(
+        max_pdu_bytes=cfg.max_pdu_bytes, max_associations=cfg.max_associations,
+        max_associations_per_host=cfg.max_associations_per_host,
+        network_timeout=cfg.network_timeout_seconds))
     ae.acse_timeout = cfg.acse_timeout_seconds
     ae.dimse_timeout = cfg.dimse_timeout_seconds
+    ae.require_called_aet = cfg.check_called_ae_title
     ae.add_supported_context(Verification)
     syntaxes = transfer_syntaxes()
     for sop_class in storage_classes(cfg):
@@ -160,20 +199,100 @@ def _write_part10(event: Any) -> Callable[[BinaryIO], None]:
 HEADER_DEFER_BYTES = 4096
 
 
-def read_header(event: Any) -> Dataset:
+class BoundedDataSet(io.BytesIO):
+    """A DIMSE message's data set as pynetdicom receives it, holding at most ``limit`` bytes.
+
+    pynetdicom writes each P-DATA fragment here (``DIMSEMessage.decode_msg``). Once the
+    total passes ``limit`` what is held is dropped (``truncate``: the buffer shrinks) and the
+    rest is only counted: ``received``, ``exceeded``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.received = 0
+
+    @property
+    def exceeded(self) -> bool:
+        return self.received > self.limit
+
+    def write(self, data: Any, /) -> int:
+        n = memoryview(data).nbytes
+        self.received += n
+        if self.received > self.limit:
+            if self.tell():
+                self.seek(0)
+                self.truncate()
+            return n
+        return super().write(data)
+
+
+def bound_data_set(event: Any, limit: int) -> None:
+    """``EVT_PDU_RECV``: a P-DATA-TF that starts a DIMSE message gets its message made here,
+    with a :class:`BoundedDataSet`, before pynetdicom adds the PDU's fragments to it.
+
+    pynetdicom 3.0 fires the event on the DUL thread after decoding the PDU and before its
+    state machine hands it to ``DIMSEServiceProvider.receive_primitive``, which makes a
+    ``DIMSEMessage()`` (a plain, unbounded ``BytesIO``) only when ``dimse.message`` is None.
+    ``tests/hostile/test_amplification.py`` sends an oversize data set through a real
+    association and checks that it was bounded, so a pynetdicom that changes this fails there.
+    """
+    if not isinstance(event.pdu, P_DATA_TF):
+        return
+    dimse = event.assoc.dimse
+    if dimse.message is None:
+        message = DIMSEMessage()
+        message.data_set = BoundedDataSet(limit)
+        dimse.message = message
+
+
+def received_bytes(stream: io.BytesIO) -> int:
+    """The data set's size as received (counted past the limit by a BoundedDataSet)."""
+    if isinstance(stream, BoundedDataSet):
+        return stream.received
+    return stream.seek(0, io.SEEK_END)
+
+
+def read_header(event: Any, limits: sizes.Limits | None = None) -> Dataset:
     """The received data set with large values (Pixel Data) left unread.
 
     ``event.dataset`` parses the whole stream and copies a 10 MB Pixel Data value only for
     the handler to ask whether it is there: 13 ms per image against 1 ms with deferred values
-    (measured on a 2500x2048 16-bit CR). Deflated data must be inflated whole either way.
+    (measured on a 2500x2048 16-bit CR). A deflated data set is inflated piece by piece, up to
+    ``limits.max_inflated_bytes`` (:class:`LimitExceededError` beyond), keeping only the
+    header: ``event.dataset`` would inflate it whole (0.9 MB became 512 MB).
     """
     ts = event.context.transfer_syntax
-    if ts.is_deflated:
-        return event.dataset  # type: ignore[no-any-return]
     stream = event.request.DataSet
+    if ts.is_deflated:
+        limit = (limits or sizes.current_limits()).max_inflated_bytes
+        return sizes.read_deflated(stream.getvalue(), limit, defer_size=HEADER_DEFER_BYTES)
     stream.seek(0)
     return read_dataset(stream, ts.is_implicit_VR, ts.is_little_endian,
                         defer_size=HEADER_DEFER_BYTES)
+
+
+def _pixel_refusal(ds: Dataset, sop_uid: str, limits: sizes.Limits) -> int | None:
+    """A900 without Pixel Data, C213 when the header declares a decoded size over the limit;
+    None otherwise, and when the size cannot be read (the pipeline then quarantines the
+    image with the reason, as before)."""
+    if "PixelData" not in ds:
+        logger.warning("C-STORE refused: %s has no Pixel Data", sop_uid)
+        return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
+    try:
+        sizes.check_decoded_size(ds, limits)
+    except LimitExceededError as exc:
+        logger.warning("C-STORE %s refused (0x%04X): %s", sop_uid, STATUS_DECODED_TOO_LARGE,
+                       exc.reason)
+        return STATUS_DECODED_TOO_LARGE
+    except Exception:  # any malformed value: what pydicom raises on it varies
+        return None
+    return None
+
+
+def _peer(event: Any) -> str:
+    requestor = event.assoc.requestor
+    return f"{getattr(requestor, 'address', '?')}:{getattr(requestor, 'port', '?')}"
 
 
 UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
@@ -199,10 +318,21 @@ def invalid_uids(ds: Dataset) -> list[str]:
     return bad
 
 
-def handle_store(event: Any, engine: Engine, spool: Spool, on_stored: Callable[[], None]) -> int:
-    """C-STORE: validate the UIDs, spool durably, insert the row, acknowledge."""
+def handle_store(event: Any, engine: Engine, spool: Spool, on_stored: Callable[[], None],
+                 limits: sizes.Limits | None = None) -> int:
+    """C-STORE: check the sizes, validate the UIDs, spool durably, insert the row, acknowledge.
+
+    The size refusals log sizes, the limit and the peer's address only (no header value).
+    """
+    lim = limits or sizes.current_limits()
+    size = received_bytes(event.request.DataSet)
+    if size > lim.max_dataset_bytes:
+        logger.warning("C-STORE from %s refused (0x%04X): the data set is %d bytes, more than "
+                       "limits.max_dataset_bytes (%d)", _peer(event), STATUS_DATASET_TOO_LARGE,
+                       size, lim.max_dataset_bytes)
+        return STATUS_DATASET_TOO_LARGE
     try:
-        ds = read_header(event)
+        ds = read_header(event, lim)
         bad = invalid_uids(ds)
         if bad:
             logger.warning("C-STORE refused: %s missing or not a valid UID", ", ".join(bad))
@@ -210,15 +340,18 @@ def handle_store(event: Any, engine: Engine, spool: Spool, on_stored: Callable[[
         sop_uid = str(ds.SOPInstanceUID)
         study_uid = str(ds.StudyInstanceUID)
         series_uid = str(ds.SeriesInstanceUID)
-        has_pixels = "PixelData" in ds
         accession = str(ds.get("AccessionNumber", "") or "")[:16]
         key = queue.patient_key(sop_uid, str(ds.get("PatientID", "") or ""))
+    except LimitExceededError as exc:  # a deflated data set inflating past the limit
+        logger.warning("C-STORE from %s refused (0x%04X): %s", _peer(event),
+                       STATUS_INFLATES_TOO_LARGE, exc.reason)
+        return STATUS_INFLATES_TOO_LARGE
     except Exception:
         logger.exception("C-STORE refused: cannot parse the data set")
         return STATUS_CANNOT_UNDERSTAND
-    if not has_pixels:
-        logger.warning("C-STORE refused: %s has no Pixel Data", sop_uid)
-        return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
+    refused = _pixel_refusal(ds, sop_uid, lim)
+    if refused is not None:
+        return refused
     path = spool.image_path(study_uid, sop_uid)
     values = {
         "sop_instance_uid": sop_uid,
@@ -259,8 +392,13 @@ def _spool_and_record(event: Any, engine: Engine, path: Path, values: dict[str, 
     return STATUS_SUCCESS
 
 
-def handlers(engine: Engine, spool: Spool, on_stored: Callable[[], None]) -> list[Any]:
+def handlers(engine: Engine, spool: Spool, on_stored: Callable[[], None],
+             limits: sizes.Limits | None = None) -> list[Any]:
+    """The listener's event handlers; ``limits``: the ``[limits]`` settings (default: those
+    :func:`cxr_worker.sizes.set_limits` set, else the defaults)."""
+    lim = limits or sizes.current_limits()
     return [
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [engine, spool, on_stored]),
+        (evt.EVT_C_STORE, handle_store, [engine, spool, on_stored, lim]),
+        (evt.EVT_PDU_RECV, bound_data_set, [lim.max_dataset_bytes]),
     ]

@@ -11,6 +11,11 @@
   an amber strip when not in population), probability and threshold (two decimals), model
   version and "NOT FOR DIAGNOSTIC USE"; Burned In Annotation YES; the same words in
   Image Comments; the worker as Manufacturer / Model Name / Software Versions;
+- with a heatmap (Grad-CAM, :mod:`cxr_worker.model.heatmap`; ``[report] heatmap``): the
+  radiograph under a translucent colour overlay (blue -> green -> red, opacity rising with
+  the heat) and a legend line in the banner, :data:`HEATMAP_LEGEND`, above a colour bar
+  from "low" to "high"; the legend is in Image Comments too. :func:`overlay_png` gives the same
+  overlay (no banner) as a PNG, and a thumbnail, for the web page;
 - Patient and Study modules (and Specific Character Set) copied from the source; a Patient's
   Birth Date, Study Date, Study Time or Patient's Sex that is not a valid value (highdicom
   refuses to build with it) is left empty in the result (they are Type 2) instead of failing
@@ -21,6 +26,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,6 +60,73 @@ class ReportConfig:
     uid_prefix: str
     series_number: int
     manufacturer: str
+    heatmap: bool = True  # [report] heatmap: compute, draw and keep the Grad-CAM heatmap
+
+
+HEATMAP_LEGEND = "Heatmap: regions that drove the score; not a segmentation"
+HEATMAP_OPACITY = 0.45  # of the colour where the heat is 1; it falls to 0 with the heat
+THUMBNAIL_SIDE = 160
+
+
+def _ramp(v: NDArray[np.floating]) -> NDArray[np.float64]:
+    """The colour of heat ``v`` in [0, 1]: blue -> green -> red ("jet"-like), as RGB in [0, 1]."""
+    v = np.asarray(v, np.float64)
+    return np.stack([np.clip(1.5 - abs(4 * v - 3), 0, 1), np.clip(1.5 - abs(4 * v - 2), 0, 1),
+                     np.clip(1.5 - abs(4 * v - 1), 0, 1)], axis=-1)
+
+
+_PALETTE = [int(c) for c in np.rint(_ramp(np.arange(256) / 255.0) * 255).ravel()]
+_OPACITY = [round(HEATMAP_OPACITY * v) for v in range(256)]
+
+
+def _heat_image(heat: NDArray[np.floating] | NDArray[np.uint8]) -> Image.Image:
+    """A heatmap (any size; float in [0, 1] or 8-bit) as an 8-bit grey image."""
+    arr = np.asarray(heat)
+    if arr.ndim != 2:
+        raise ValueError(f"a heatmap is 2-D, got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        arr = np.rint(np.clip(np.nan_to_num(arr.astype(np.float64)), 0.0, 1.0) * 255)
+    return Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8), mode="L")
+
+
+def overlay(grey: Image.Image, heat: NDArray[np.floating] | NDArray[np.uint8]) -> Image.Image:
+    """RGB: the grey image under the heatmap's colours, the heatmap stretched over the whole
+    image (it is in the frame of the squashed model input), opacity
+    ``HEATMAP_OPACITY * heat`` (so cold regions show the radiograph untouched)."""
+    hm = _heat_image(heat).resize(grey.size, Image.Resampling.BILINEAR)
+    colour = hm.copy()
+    colour.putpalette(_PALETTE)
+    return Image.composite(colour.convert("RGB"), grey.convert("RGB"), hm.point(_OPACITY))
+
+
+def _grey_image(display: NDArray[np.floating], max_side: int) -> Image.Image:
+    """The display image (0..255) as 8-bit grey, downscaled to at most ``max_side`` a side."""
+    h, w = display.shape
+    scale = min(1.0, max_side / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    grey = Image.fromarray(np.clip(display, 0, 255).astype(np.float32), mode="F")
+    return grey.resize(size, Image.Resampling.BILINEAR).convert("L")
+
+
+def overlay_png(display: NDArray[np.floating],
+                heat: NDArray[np.floating] | NDArray[np.uint8] | None,
+                max_side: int = MAX_SIDE) -> bytes:
+    """PNG of the radiograph (display values 0..255, e.g. ``decode.display_image``) at most
+    ``max_side`` a side, under the heatmap (a :func:`cxr_worker.model.heatmap.load_png` or
+    the persisted 8-bit file's pixels); without a heatmap, the radiograph alone. For the web
+    page; ``max_side=THUMBNAIL_SIDE`` gives the thumbnail (:func:`thumbnail_png`)."""
+    grey = _grey_image(display, max_side)
+    img = grey if heat is None else overlay(grey, heat)
+    buf = io.BytesIO()
+    # zlib level 1: a 1024 px overlay in about 55 ms instead of 200 (level 6), 30% larger
+    img.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def thumbnail_png(display: NDArray[np.floating],
+                  heat: NDArray[np.floating] | NDArray[np.uint8] | None) -> bytes:
+    """:func:`overlay_png` at most :data:`THUMBNAIL_SIDE` pixels a side."""
+    return overlay_png(display, heat, THUMBNAIL_SIDE)
 
 
 def result_sop_instance_uid(prefix: str, source_sop_uid: str, model_version: str) -> str:
@@ -66,11 +139,12 @@ def result_series_instance_uid(prefix: str, study_uid: str, model_version: str) 
 
 
 def banner_lines(label: str, population_text: str, probability: float, threshold: float,
-                 model_version: str, *, threshold_source: str = "model card") -> list[str]:
+                 model_version: str, *, threshold_source: str = "model card",
+                 heatmap: bool = False) -> list[str]:
     """The banner, top to bottom: the label and the population (the two headline lines, as
     large as each other), probability and threshold (two decimals, never 1.00 or 0.00) with
     where the threshold comes from (model card, site calibration, settings), model, the
-    disclaimer."""
+    disclaimer; with ``heatmap``, the heatmap's legend last."""
     return [
         label,
         population_text,
@@ -78,6 +152,7 @@ def banner_lines(label: str, population_text: str, probability: float, threshold
         f"(threshold {format_threshold(threshold)}, {threshold_source})",
         f"model {model_version}",
         f"AI TRIAGE - {NOT_FOR_DIAGNOSTIC_USE}",
+        *([HEATMAP_LEGEND] if heatmap else []),
     ]
 
 
@@ -98,19 +173,20 @@ def _fitting_font(draw: ImageDraw.ImageDraw, text: str, size: int,
 
 
 def render(display: NDArray[np.floating], lines: list[str], suspected: bool,
-           population_warning: bool = False) -> NDArray[np.uint8]:
+           population_warning: bool = False,
+           heat: NDArray[np.floating] | NDArray[np.uint8] | None = None) -> NDArray[np.uint8]:
     """RGB image: the banner above the radiograph downscaled to at most 1024 px a side.
+
+    With ``heat``, the radiograph is under the heatmap's :func:`overlay`, and the last line
+    (the legend) gets a colour bar from "low" to "high" on a row of its own below it.
 
     The first two lines (label, population) are drawn large; a population line too wide for
     the banner keeps its words ("OUTSIDE VALIDATED POPULATION") large and puts its details in
     parentheses on the next line. It sits on an amber strip in black when
     ``population_warning`` (outside or unknown population), apart from the red/green result.
     """
-    h, w = display.shape
-    scale = min(1.0, MAX_SIDE / max(h, w))
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    grey = Image.fromarray(np.clip(display, 0, 255).astype(np.float32), mode="F")
-    grey = grey.resize(size, Image.Resampling.BILINEAR).convert("L")
+    grey = _grey_image(display, MAX_SIDE)
+    size = grey.size
     width = max(size[0], 512)
     font_size = max(14, width // 36)
     big_size = round(font_size * 1.4)
@@ -128,7 +204,8 @@ def render(display: NDArray[np.floating], lines: list[str], suspected: bool,
         else:
             rows.append((text, big_size if big else font_size, i == 1))
     heights = [int(sz * 1.35) for _, sz, _ in rows]
-    banner_h = sum(heights) + 2 * pad
+    bar_h = int(font_size * 1.35) if heat is not None else 0
+    banner_h = sum(heights) + bar_h + 2 * pad
     canvas = Image.new("RGB", (width, size[1] + banner_h), (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
     draw.rectangle([0, 0, width, banner_h - 1],
@@ -142,8 +219,23 @@ def render(display: NDArray[np.floating], lines: list[str], suspected: bool,
             ink = (0, 0, 0)
         draw.text((pad, y), text, fill=ink, font=_fitting_font(draw, text, sz, width - 2 * pad))
         y += lh
-    canvas.paste(grey.convert("RGB"), ((width - size[0]) // 2, banner_h))
+    if heat is not None:
+        _colour_bar(draw, pad, y, font_size)
+    picture = grey.convert("RGB") if heat is None else overlay(grey, heat)
+    canvas.paste(picture, ((width - size[0]) // 2, banner_h))
     return np.asarray(canvas, dtype=np.uint8)
+
+
+def _colour_bar(draw: ImageDraw.ImageDraw, x: int, y: int, font_size: int) -> None:
+    """ "low [blue ... red] high" at (x, y): the heatmap's colours at full strength."""
+    font = ImageFont.load_default(size=font_size)
+    draw.text((x, y), "low", fill=(255, 255, 255), font=font)
+    x0 = x + int(draw.textlength("low ", font=font))
+    bar_w = 12 * font_size
+    colours = np.rint(_ramp(np.linspace(0.0, 1.0, bar_w)) * 255).astype(int)
+    for i, (r, g, b) in enumerate(colours):
+        draw.line([(x0 + i, y + font_size // 6), (x0 + i, y + font_size)], fill=(r, g, b))
+    draw.text((x0 + bar_w + font_size // 3, y), "high", fill=(255, 255, 255), font=font)
 
 
 # Type 2 attributes highdicom copies from the source and validates (raising ValueError), with
@@ -217,12 +309,14 @@ def build_secondary_capture(
     population: str,
     population_text: str,
     threshold_source: str = "model card",
+    heatmap: NDArray[np.floating] | NDArray[np.uint8] | None = None,
 ) -> hd.sc.SCImage:
     """The Secondary Capture for one scored source image; valid when this returns.
 
     ``population`` (:class:`~cxr_worker.labels.Population`) and ``population_text`` (the
     gate's line, e.g. "OUTSIDE VALIDATED POPULATION (age 81 years; validated 1-5 years)")
-    are shown as large as the label.
+    are shown as large as the label. ``heatmap`` (2-D, in [0, 1] or 8-bit, in the frame of
+    the squashed model input, e.g. 224x224) is drawn over the radiograph with its legend.
     """
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"probability {probability} outside [0, 1]")
@@ -230,9 +324,9 @@ def build_secondary_capture(
         raise ValueError(f"unknown label {label!r}")
     population = Population(population)
     lines = banner_lines(label, population_text, probability, threshold, model_version,
-                         threshold_source=threshold_source)
+                         threshold_source=threshold_source, heatmap=heatmap is not None)
     pixels = render(display, lines, label == Label.SUSPECTED,
-                    population_warning=population != Population.IN)
+                    population_warning=population != Population.IN, heat=heatmap)
     orientation = tuple(str(v) for v in source.get("PatientOrientation", []) or []) or ("L", "F")
     if len(orientation) != 2:
         orientation = ("L", "F")
@@ -269,6 +363,7 @@ def build_secondary_capture(
         f"Pneumonia triage by {MODEL_NAME}, model {model_version}: {label}, "
         f"{population_text}, probability {format_probability(probability)}, "
         f"threshold {format_threshold(threshold)}. {NOT_FOR_DIAGNOSTIC_USE}."
+        + (f" Grad-CAM overlay. {HEATMAP_LEGEND}." if heatmap is not None else "")
     )[:1024]
     # Only chest images are scored (the gate); naming the body part also settles General
     # Series Laterality (Type 2C, required for paired body parts only)

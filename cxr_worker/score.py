@@ -10,7 +10,11 @@ are for training, evaluation and Grad-CAM.
 - preprocess: :meth:`Scorer.prepare` applies, for each member, the contract version *its card
   entry names*, so a network is always fed what it was trained on;
 - postprocess: the raw score goes through the card's calibration (Platt scaling) and is
-  compared with the threshold in force.
+  compared with the threshold in force;
+- heatmap: a member whose card entry names a ``head`` file has a second output, its last
+  feature map; :meth:`Scorer.score` keeps it in the :class:`Prepared` image, and
+  :meth:`Scorer.heatmap` turns it into Grad-CAM in NumPy (:mod:`cxr_worker.model.heatmap`)
+  without a second inference (:meth:`Scorer.score_and_heatmap` does both).
 
 The threshold in force, by precedence: ``[model] threshold`` in the settings (an explicit
 override), else the site threshold recorded by ``cxr-worker calibrate --apply`` for this model
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +34,7 @@ from numpy.typing import NDArray
 from cxr_worker.errors import ModelIntegrityError
 from cxr_worker.labels import Label, format_threshold
 from cxr_worker.model import card as model_card
+from cxr_worker.model import heatmap as cam
 from cxr_worker.model.calibration import Platt, logit, sigmoid_one
 from cxr_worker.model.preprocess import INPUT_SIZE, SUPPORTED_VERSIONS, to_model_input
 
@@ -58,9 +63,11 @@ class ThresholdChoice:
 
 @dataclass(frozen=True)
 class Prepared:
-    """One image as every member's input (224, 224, 3), keyed by contract version."""
+    """One image as every member's input (224, 224, 3), keyed by contract version; after
+    scoring, each member's feature map (by member index) for :meth:`Scorer.heatmap`."""
 
     by_version: dict[int, NDArray[np.float32]]
+    features: dict[int, NDArray[np.float32]] = field(default_factory=dict, compare=False)
 
 
 def _version(member: dict[str, object]) -> int:
@@ -86,6 +93,7 @@ class Scorer:
                           num_threads=num_threads), _version(m))
             for m in model_card.members(self.card)]
         self.versions = sorted({v for _, v in self._members})
+        self._heads = self._load_heads()
         try:
             self.calibration = Platt.from_card(self.card)
         except (KeyError, TypeError, ValueError) as exc:
@@ -98,6 +106,30 @@ class Scorer:
         elif threshold is not None:
             self.threshold, self.threshold_source = float(threshold), "settings model.threshold"
         self.ready = False
+
+    def _load_heads(self) -> list[cam.Head] | None:
+        """Each member's head (for the heatmap), or None when a member has none (an older
+        model: scored as before, without a heatmap)."""
+        listed = model_card.members(self.card)
+        if not all(m.get("head") for m in listed):
+            return None
+        heads = []
+        for m, (rt, _) in zip(listed, self._members, strict=True):
+            path = model_card.verify_file(self.model_dir, str(m["head"]), self.card)
+            try:
+                head = cam.Head.load(path)
+            except (OSError, ValueError, KeyError) as exc:
+                raise ModelIntegrityError(f"{path.name} is not a usable head: {exc}") from exc
+            if not rt.has_features:
+                raise ModelIntegrityError(
+                    f"the model card names {path.name} but {m['tflite']} has no feature-map "
+                    "output")
+            heads.append(head)
+        return heads
+
+    @property
+    def heatmap_available(self) -> bool:
+        return self._heads is not None
 
     def use_threshold(self, choice: ThresholdChoice) -> None:
         if not 0.0 < choice.value < 1.0:
@@ -121,7 +153,12 @@ class Scorer:
 
     def raw_score(self, prepared: Prepared) -> float:
         """The members' combined output (sigmoid of the mean logit), before calibration."""
-        logits = [float(logit(rt.predict(prepared.by_version[v]))) for rt, v in self._members]
+        logits = []
+        for i, (rt, v) in enumerate(self._members):
+            p, feats = rt.predict_with_features(prepared.by_version[v])
+            if feats is not None:
+                prepared.features[i] = feats
+            logits.append(float(logit(p)))
         return sigmoid_one(sum(logits) / len(logits))
 
     def score(self, prepared: Prepared) -> Score:
@@ -134,3 +171,21 @@ class Scorer:
 
     def score_grey(self, grey: NDArray[np.floating] | NDArray[np.integer]) -> Score:
         return self.score(self.prepare(grey))
+
+    def heatmap(self, prepared: Prepared, size: int = INPUT_SIZE
+                ) -> NDArray[np.float32] | None:
+        """Grad-CAM of the served score, ``size`` x ``size`` in [0, 1] (the 224x224 model
+        input's frame: the whole image squashed), or None when the model has no heatmap
+        outputs. Uses the feature maps kept by :meth:`score`; runs the networks only for an
+        image not scored yet."""
+        if self._heads is None:
+            return None
+        if len(prepared.features) != len(self._members):
+            self.raw_score(prepared)
+        feats = [prepared.features[i] for i in range(len(self._members))]
+        return cam.gradcam(feats, self._heads, size)
+
+    def score_and_heatmap(self, prepared: Prepared
+                          ) -> tuple[Score, NDArray[np.float32] | None]:
+        """:meth:`score` and :meth:`heatmap` from one inference per member."""
+        return self.score(prepared), self.heatmap(prepared)

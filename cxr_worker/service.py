@@ -2,8 +2,9 @@
 
 Start-up order: settings (already read) -> database (migrations) -> model (hash check,
 warm-up) -> scheduler -> listener. Only when the model is ready does the listener accept
-associations. SIGTERM/SIGINT: stop accepting, let the running job finish, give back any
-lease, exit 0.
+associations. SIGTERM/SIGINT (:func:`shut_down`): stop accepting, abort the associations,
+give the running job ``jobs.shutdown_grace_seconds`` to finish, give back any lease, exit 0
+within about 4 s whatever the peers do.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -20,7 +23,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from cxr_worker import gate, health, receive, report, send
+from cxr_worker import gate, health, receive, report, send, sizes, tls
 from cxr_worker.errors import StartupError
 from cxr_worker.http import HttpServer
 from cxr_worker.jobs import Jobs
@@ -40,9 +43,11 @@ def listener_config(s: Settings) -> receive.ListenerConfig:
     return receive.ListenerConfig(
         li.ae_title, tuple(li.allowed_calling_ae_titles), li.accept_dx_for_processing,
         max_pdu_bytes=li.max_pdu_bytes, max_associations=li.max_associations,
+        max_associations_per_host=li.max_associations_per_host,
         network_timeout_seconds=li.network_timeout_seconds,
         acse_timeout_seconds=li.acse_timeout_seconds,
-        dimse_timeout_seconds=li.dimse_timeout_seconds)
+        dimse_timeout_seconds=li.dimse_timeout_seconds,
+        check_called_ae_title=li.check_called_ae_title)
 
 
 def gate_config(s: Settings) -> gate.GateConfig:
@@ -64,14 +69,12 @@ def gate_config(s: Settings) -> gate.GateConfig:
 
 def report_config(s: Settings) -> report.ReportConfig:
     return report.ReportConfig(s.report.uid_prefix, s.report.series_number,
-                               s.report.manufacturer)
+                               s.report.manufacturer, heatmap=s.report.heatmap)
 
 
 def pacs_peer(s: Settings) -> send.Peer | None:
-    if not s.pacs_configured:
-        return None
-    return send.Peer(s.pacs.ae_title, s.pacs.host, s.pacs.port, s.listener.ae_title,
-                     s.pacs.timeout_seconds)
+    """The PACS (over TLS with ``pacs.tls``); None when none is configured."""
+    return tls.pacs_peer(s)
 
 
 def model_dir(s: Settings) -> Path:
@@ -156,9 +159,20 @@ def existing_worklist(s: Settings) -> Engine | None:
     return None if schema.not_created(s.database_url) else open_worklist(s)
 
 
+def size_limits(s: Settings) -> sizes.Limits:
+    """``[limits]``: the sizes the listener and the decoder refuse (issue 10)."""
+    li = s.limits
+    return sizes.Limits(max_dataset_bytes=li.max_dataset_bytes,
+                         max_decoded_bytes=li.max_decoded_bytes,
+                         max_inflated_bytes=li.max_inflated_bytes)
+
+
 def build_pipeline(s: Settings, scorer: Scorer, engine: Engine, *,
                    hold_results: bool = False, only_ids: set[int] | None = None,
                    metrics: Metrics | None = None) -> Pipeline:
+    """The pipeline; also sets this process's decode limits (``[limits]``, process-wide:
+    the pipeline calls :mod:`cxr_worker.decode` without them; :mod:`cxr_worker.sizes`)."""
+    sizes.set_limits(size_limits(s))
     retry = queue.RetryPolicy(s.jobs.lease_seconds, s.jobs.max_attempts,
                               s.jobs.retry_base_seconds, s.jobs.retry_max_seconds)
     return Pipeline(engine=engine, spool=Spool(s.data_dir), scorer=scorer,
@@ -209,17 +223,23 @@ def _http_error(s: Settings, exc: OSError) -> StartupError:
 
 
 def start_http(s: Settings, readiness: health.Readiness, metrics: Metrics) -> HttpServer | None:
-    """Bind and serve ``/healthz``, ``/readyz`` and ``/metrics`` (``[http]``), before the
-    database and the model so probes are answered during start-up; None when disabled."""
+    """Bind and serve ``/healthz``, ``/readyz``, ``/metrics`` and the web worklist (its page
+    and ``/api/v1/``, :mod:`cxr_worker.web`) on ``[http]``, before the database and the model
+    so probes are answered during start-up (the API answers 503 until ``readiness.engine``
+    is set); None when disabled."""
     if not s.http.enabled:
         return None
+    from cxr_worker.web.app import add_web_routes
+
     web = HttpServer(s.http.host, s.http.port)
     health.add_routes(web, readiness, metrics)
+    add_web_routes(web, s, readiness)
     try:
         web.start()
     except OSError as exc:
         raise _http_error(s, exc) from exc
-    logger.info("health and metrics on http://%s:%d", *web.address)
+    logger.info("health, metrics and the web worklist on http://%s:%d (auth %s)",
+                *web.address, s.http.auth)
     return web
 
 
@@ -227,6 +247,8 @@ def serve(s: Settings, migrate: bool = True) -> int:
     t0 = time.monotonic()
     raise_mmap_threshold()
     prepare_data_dir(s)
+    listener_tls = tls.server_context(s.listener)  # TLS files checked before anything starts
+    pacs_peer(s)  # likewise the PACS's
     readiness, metrics = health.Readiness(), Metrics()
     web = start_http(s, readiness, metrics)
     engine = readiness.engine = open_worklist(s, migrate=migrate)
@@ -240,16 +262,20 @@ def serve(s: Settings, migrate: bool = True) -> int:
     metrics.watch_worklist(engine, s.pacs_configured, readiness.pacs)
     jobs = Jobs(pipeline, s.jobs.poll_seconds, s.storage.retention_days,
                 s.jobs.retention_interval_seconds,
-                pacs_echo=readiness.pacs.run if readiness.pacs is not None else None)
+                pacs_echo=readiness.pacs.run if readiness.pacs is not None else None,
+                orphan_grace_seconds=s.jobs.orphan_grace_seconds)
     jobs.start()
     listener_cfg = listener_config(s)
     ae = receive.make_ae(listener_cfg)
     try:
         server = ae.start_server(
-            (s.listener.host, s.listener.port), block=False,
-            evt_handlers=receive.handlers(pipeline.engine, pipeline.spool, jobs.wake))
+            (s.listener.host, s.listener.port), block=False, ssl_context=listener_tls,
+            evt_handlers=[*receive.handlers(pipeline.engine, pipeline.spool, jobs.wake,
+                                            size_limits(s)),
+                          *tls.listener_handlers(listener_tls)])
     except OSError as exc:
-        jobs.stop()
+        pipeline.stopping.set()
+        jobs.stop(time.monotonic() + s.jobs.shutdown_grace_seconds)
         queue.release_leases(pipeline.engine, pipeline.owner)
         pipeline.engine.dispose()
         if web is not None:
@@ -274,12 +300,70 @@ def serve(s: Settings, migrate: bool = True) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     stop.wait()
-    server.shutdown()  # stop accepting; in-flight associations end
+    return shut_down(server, jobs, pipeline, web, s.jobs.shutdown_grace_seconds)
+
+
+SHUTDOWN_SLACK_SECONDS = 0.5  # after the grace: for aborted associations' threads to end
+
+
+def shut_down(server: Any, jobs: Jobs, pipeline: Pipeline, web: HttpServer | None,
+              grace_seconds: float) -> int:
+    """SIGTERM/SIGINT: be gone within ``jobs.shutdown_grace_seconds`` (3 s) plus about a
+    second, whatever the associations are doing; nothing acknowledged is lost. Returns 0.
+
+    1. Stop accepting, then abort every inbound association at once (:func:`send.hard_abort`):
+       an idle one held open by a modality would otherwise keep the process until its
+       network timeout. A C-STORE it carried but not yet answered was not acknowledged: the
+       modality sends it again; one already answered is in the worklist.
+    2. Scoring and delivery start no new job; a send in progress gets a second, then its
+       association is aborted (a PACS that hangs would hold it for ``pacs.timeout_seconds``),
+       not counted as a failed attempt; a C-ECHO in progress is aborted; the scoring in
+       progress gets until the grace period ends.
+    3. Every lease this worker holds is given back: what did not finish is scored or sent
+       again at the next start (the result keeps its SOP Instance UID, so a PACS that did
+       receive it holds it once).
+    4. Decision: if a thread is still busy after the grace period (a decode in native code, an
+       association thread that does not end), the process ends with ``os._exit(0)`` after
+       the logs are flushed, rather than wait for it: everything it could still change is
+       either given back (step 3) or, like an interrupted write, exactly what a crash leaves
+       and the next start recovers (temporary files: the orphan sweep).
+    """
+    t0 = time.monotonic()
+    deadline = t0 + grace_seconds
     pipeline.stopping.set()
-    jobs.stop()  # the running drain finishes its current job
+    server.block_on_close = False  # its association threads are aborted below, not awaited
+    server.shutdown()  # stop accepting (the accept loop polls every 0.5 s)
+    inbound = server.active_associations
+    for assoc in inbound:
+        send.hard_abort(assoc)
+    echoes = send.OUTBOUND.abort_all(refuse_new=True)
+    jobs.stop(deadline)  # a job still running past it is logged there
     released = queue.release_leases(pipeline.engine, pipeline.owner)
     pipeline.engine.dispose()
     if web is not None:
         web.stop()
-    logger.info("stopped (%d leases released)", released)
+    busy = _threads_still_busy(jobs, deadline + SHUTDOWN_SLACK_SECONDS)
+    logger.info("stopped in %.1f s (%d inbound and %d C-ECHO associations aborted, %d leases "
+                "released)", time.monotonic() - t0, len(inbound), echoes, released)
+    if busy:
+        logger.warning("exiting with threads still busy (%s): their jobs' leases are given "
+                       "back, the jobs done again at the next start", ", ".join(busy))
+        logging.shutdown()  # flush every handler: os._exit skips it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
+
+
+def _threads_still_busy(jobs: Jobs, deadline: float) -> list[str]:
+    """Names of the threads that would hold the interpreter's exit (non-daemon threads, e.g. an
+    association's) or run on through it (the job loops), after waiting until ``deadline``."""
+    def busy() -> list[str]:
+        loops = {loop.thread for loop in jobs.loops}
+        return [t.name for t in threading.enumerate()
+                if t is not threading.current_thread() and t.is_alive()
+                and (not t.daemon or t in loops)]
+
+    while (names := busy()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return names

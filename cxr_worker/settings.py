@@ -33,11 +33,25 @@ class Listener:
     # bounded resources: a peer that connects and goes quiet holds an association slot only
     # until a timeout, and the slots are more than a site's modalities, so that an honest
     # modality still gets through while hostile or broken peers hold some
-    max_pdu_bytes: int = 1048576  # advertised maximum PDU length (A-ASSOCIATE-AC)
+    # (cxr_worker.listener enforces them and logs every refusal and abort)
+    max_pdu_bytes: int = 1048576  # maximum PDU length, advertised and enforced (A-ABORT)
     max_associations: int = 32  # simultaneous associations; more are refused
-    network_timeout_seconds: float = 10.0  # an idle association is released after this
+    # one calling host holds at most this many of max_associations; more are refused
+    max_associations_per_host: int = 8
+    # an idle association is released after this; a PDU that stops arriving is dropped
+    network_timeout_seconds: float = 10.0
     acse_timeout_seconds: float = 10.0  # wait for A-ASSOCIATE-RQ / A-RELEASE
     dimse_timeout_seconds: float = 30.0  # wait for the next DIMSE message
+    # refuse an association whose called AE title is not ae_title; false only while a
+    # modality that calls another title is being reconfigured
+    check_called_ae_title: bool = True
+    # DICOM TLS (cxr_worker.tls): a certificate makes the port speak TLS only; modalities
+    # must then present a certificate signed by tls_ca_certificates unless
+    # tls_require_client_certificate is false
+    tls_certificate: str = ""  # PEM certificate (chain); empty: plain DICOM
+    tls_private_key: str = ""  # its PEM key, unencrypted, readable by the worker's user only
+    tls_ca_certificates: str = ""  # PEM CA bundle that signs the modalities' certificates
+    tls_require_client_certificate: bool = True
 
 
 MIN_PDU_BYTES = 16384
@@ -45,11 +59,34 @@ MAX_PDU_BYTES = 16777216
 
 
 @dataclass
+class Limits:
+    # Decompression amplification and memory per image (issue 10; cxr_worker.decode, .receive).
+    # Sized for chest radiographs: a 43 x 43 cm detector at 100 um is 4300 x 4300 at 16 bits,
+    # 37 MB decoded. Refused at the listener with a DICOM status (0xC212-0xC214, nothing
+    # written) or, for a file the listener did not bound (replay, score), not scored with
+    # the reason naming the key.
+    max_dataset_bytes: int = 64 * 2**20  # a C-STORE data set as received (encoded)
+    max_decoded_bytes: int = 64 * 2**20  # Rows x Columns x Samples x Frames x Bits Allocated/8
+    max_inflated_bytes: int = 80 * 2**20  # a Deflated Explicit VR Little Endian data set
+
+
+MIN_LIMIT_BYTES = 2**20
+MAX_LIMIT_BYTES = 2**31
+
+
+@dataclass
 class Pacs:
     ae_title: str = ""  # empty: no PACS; results stay in the worklist and data_dir/results
     host: str = "127.0.0.1"
     port: int = 104
-    timeout_seconds: float = 30.0
+    timeout_seconds: float = 30.0  # each ACSE/DIMSE answer; an idle connection
+    connect_timeout_seconds: float = 5.0  # TCP connect to the PACS
+    # DICOM TLS to the PACS (cxr_worker.tls): its certificate is always verified
+    tls: bool = False
+    tls_ca_certificates: str = ""  # PEM CA bundle; empty: the system's trusted CAs
+    tls_certificate: str = ""  # the worker's client certificate, if the PACS asks for one
+    tls_private_key: str = ""  # its PEM key, unencrypted
+    tls_verify_hostname: bool = True  # the certificate must name pacs.host
 
 
 @dataclass
@@ -91,7 +128,18 @@ class Jobs:
     max_attempts: int = 10
     retry_base_seconds: float = 5.0
     retry_max_seconds: float = 900.0
-    retention_interval_seconds: float = 3600.0
+    retention_interval_seconds: float = 3600.0  # retention, then the orphan sweep
+    # the sweep removes temporary files (left by a kill -9) and spooled images or results no
+    # worklist row references (a store the database refused) once older than this; never
+    # less than a minute, so a store or write in progress is never touched
+    orphan_grace_seconds: float = 3600.0
+    # SIGTERM: how long the running scoring or delivery may take to finish before the worker
+    # gives its lease back and exits anyway (it is done again at the next start)
+    shutdown_grace_seconds: float = 3.0
+
+
+MIN_ORPHAN_GRACE_SECONDS = 60.0
+MAX_SHUTDOWN_GRACE_SECONDS = 60.0
 
 
 @dataclass
@@ -99,14 +147,26 @@ class Report:
     series_number: int = 9901
     uid_prefix: str = "1.2.826.0.1.3680043.8.498.7717."
     manufacturer: str = "cxr-worker"
+    # Grad-CAM heatmap of each score (regions that drove it; not a segmentation): drawn over
+    # the radiograph on the Secondary Capture with a legend, and kept beside the result as
+    # results/<study>/<sop>.heatmap.png for the web page. false: neither (about 1 ms an image)
+    heatmap: bool = True
 
 
 @dataclass
 class Http:
-    # health (/healthz, /readyz) and Prometheus metrics (/metrics); no token needed
+    # the web worklist and its REST API (/api/v1/, cxr_worker.web), and health (/healthz,
+    # /readyz) and Prometheus metrics (/metrics), which need no token
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 8080
+    # "token": the API and the page need a token (cxr-worker token create); "none": no sign-in
+    # at all, allowed only with a loopback http.host (127.0.0.1, ::1, localhost)
+    auth: str = "token"
+    session_hours: float = 12.0  # a page's sign-in lasts this long (a shift)
+    # mark the session cookie Secure even on plain HTTP (a TLS proxy in front that does not
+    # send X-Forwarded-Proto); it is Secure anyway when the request came over HTTPS
+    cookie_secure: bool = False
 
 
 LOG_FORMATS = ("text", "json")
@@ -122,6 +182,7 @@ class Logging:
 @dataclass
 class Settings:
     listener: Listener = field(default_factory=Listener)
+    limits: Limits = field(default_factory=Limits)
     pacs: Pacs = field(default_factory=Pacs)
     database: Database = field(default_factory=Database)
     storage: Storage = field(default_factory=Storage)
@@ -213,11 +274,42 @@ def _validate(s: Settings) -> None:
         if not 0 <= port <= 65535:
             raise ConfigError(f"{key}: {port} is not a TCP port (0-65535)")
     _validate_limits(s)
+    _validate_size_limits(s)
+    _validate_tls(s)
     if s.http.enabled and not s.http.host:
         raise ConfigError("http.host: required when http.enabled is true")
+    _validate_http(s)
     if s.pacs_configured and not s.pacs.host:
         raise ConfigError("pacs.host: required when pacs.ae_title is set")
     _validate_processing(s)
+
+
+HTTP_AUTH = ("token", "none")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback only (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _validate_http(s: Settings) -> None:
+    h = s.http
+    if h.auth not in HTTP_AUTH:
+        raise ConfigError(f"http.auth: {h.auth!r} is not one of {', '.join(HTTP_AUTH)}")
+    if h.auth == "none" and not is_loopback(h.host):
+        raise ConfigError(
+            f"http.auth: \"none\" (no sign-in) is allowed only with a loopback http.host "
+            f"(127.0.0.1, ::1, localhost), not {h.host!r}: keep http.auth = \"token\" and "
+            "create tokens with 'cxr-worker token create', or bind http.host to 127.0.0.1")
+    if not 0 < h.session_hours <= 24 * 31:
+        raise ConfigError(f"http.session_hours: {h.session_hours} is not in (0, 744]")
 
 
 def _validate_limits(s: Settings) -> None:
@@ -227,9 +319,59 @@ def _validate_limits(s: Settings) -> None:
                           f"{MIN_PDU_BYTES}-{MAX_PDU_BYTES}")
     if li.max_associations < 1:
         raise ConfigError("listener.max_associations: must be at least 1")
+    if li.max_associations_per_host < 1:
+        raise ConfigError("listener.max_associations_per_host: must be at least 1")
     for name in ("network_timeout_seconds", "acse_timeout_seconds", "dimse_timeout_seconds"):
         if not getattr(li, name) > 0:
             raise ConfigError(f"listener.{name}: must be positive")
+
+
+def _validate_size_limits(s: Settings) -> None:
+    for name in ("max_dataset_bytes", "max_decoded_bytes", "max_inflated_bytes"):
+        value = getattr(s.limits, name)
+        if not MIN_LIMIT_BYTES <= value <= MAX_LIMIT_BYTES:
+            raise ConfigError(f"limits.{name}: {value} is not in "
+                              f"{MIN_LIMIT_BYTES}-{MAX_LIMIT_BYTES}")
+
+
+def _validate_tls(s: Settings) -> None:
+    """The TLS keys fit together (whether their files can be used is checked at start-up, by
+    :mod:`cxr_worker.tls`)."""
+    li, p = s.listener, s.pacs
+    for section, cert, key in (("listener", li.tls_certificate, li.tls_private_key),
+                               ("pacs", p.tls_certificate, p.tls_private_key)):
+        if bool(cert) != bool(key):
+            missing, given = (("tls_private_key", "tls_certificate") if cert else
+                              ("tls_certificate", "tls_private_key"))
+            raise ConfigError(f"{section}.{missing}: required when {section}.{given} is set "
+                              "(a certificate and its private key, both PEM files)")
+    if not li.tls_certificate and li.tls_ca_certificates:
+        raise ConfigError("listener.tls_ca_certificates: set, but listener.tls_certificate is "
+                          "empty, so the listener speaks plain DICOM: set tls_certificate and "
+                          "tls_private_key too, or empty tls_ca_certificates")
+    if li.tls_certificate and li.tls_require_client_certificate and not li.tls_ca_certificates:
+        raise ConfigError("listener.tls_ca_certificates: required when listener.tls_certificate "
+                          "is set and listener.tls_require_client_certificate is true (the "
+                          "default): the CA certificates that sign the modalities' "
+                          "certificates; or set tls_require_client_certificate = false")
+    if not p.tls:
+        for name in ("tls_ca_certificates", "tls_certificate"):
+            if getattr(p, name):
+                raise ConfigError(f"pacs.{name}: set, but pacs.tls is false, so results would "
+                                  "go to the PACS unencrypted: set pacs.tls = true, or empty "
+                                  f"pacs.{name}")
+
+
+def _validate_shutdown_and_sweep(s: Settings) -> None:
+    if s.jobs.orphan_grace_seconds < MIN_ORPHAN_GRACE_SECONDS:
+        raise ConfigError(f"jobs.orphan_grace_seconds: {s.jobs.orphan_grace_seconds} is under "
+                          f"{MIN_ORPHAN_GRACE_SECONDS:.0f} (a store in progress could be swept)")
+    if not 0 < s.jobs.shutdown_grace_seconds <= MAX_SHUTDOWN_GRACE_SECONDS:
+        raise ConfigError(f"jobs.shutdown_grace_seconds: {s.jobs.shutdown_grace_seconds} is not "
+                          f"in (0, {MAX_SHUTDOWN_GRACE_SECONDS:.0f}]")
+    for name in ("timeout_seconds", "connect_timeout_seconds"):
+        if not getattr(s.pacs, name) > 0:
+            raise ConfigError(f"pacs.{name}: must be positive")
 
 
 def _validate_processing(s: Settings) -> None:
@@ -249,6 +391,7 @@ def _validate_processing(s: Settings) -> None:
     for name in ("poll_seconds", "lease_seconds", "retry_base_seconds", "retry_max_seconds"):
         if getattr(s.jobs, name) <= 0:
             raise ConfigError(f"jobs.{name}: must be positive")
+    _validate_shutdown_and_sweep(s)
     if s.gate.min_age_years > s.gate.max_age_years:
         raise ConfigError("gate.min_age_years: greater than gate.max_age_years")
     if s.model.num_threads < 1:

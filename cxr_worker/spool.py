@@ -4,6 +4,8 @@ Layout under ``data_dir``::
 
     spool/<Study Instance UID>/<SOP Instance UID>.dcm    received images (Part 10 files)
     results/<Study Instance UID>/<SOP Instance UID>.dcm  Secondary Captures built for them
+    results/<Study Instance UID>/<SOP Instance UID>.heatmap.png  their Grad-CAM heatmaps
+                                                          (8-bit grey, 224x224; [report] heatmap)
     quarantine/<SOP Instance UID or hash>.dcm            files that could not be processed
 
 File names carry UIDs only; a value that is not a well-formed UID is replaced by its hash, so
@@ -13,6 +15,12 @@ anything is written; this is the second line of defence).
 Folders are created mode 0700 and files 0600, set explicitly (``chmod``), whatever the umask.
 Temporary files are dot-prefixed, in the destination's folder (so that the rename is atomic),
 and unique per write: process, thread and a random suffix, created with ``O_EXCL``.
+
+Orphans (the sweeper, :func:`cxr_worker.jobs.sweep_orphans`): a temporary file outlives its
+write only when the process died (``kill -9``), and a spooled image no worklist row refers to
+is a store the database refused after the file was written. Both are removed once older than a
+grace period; a file is only ever removed through :meth:`Spool.remove_if_orphan`, which cannot
+remove a file written meanwhile.
 """
 
 from __future__ import annotations
@@ -23,7 +31,7 @@ import re
 import secrets
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -77,9 +85,17 @@ def make_dirs(path: Path) -> None:
         os.chmod(d, DIR_MODE)
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether ``name`` is one of :func:`atomic_write`'s temporary files."""
+    return name.startswith(".") and name.endswith(TEMP_SUFFIX)
+
+
 def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}."
-                          f"{secrets.token_hex(6)}.tmp")
+                          f"{secrets.token_hex(6)}{TEMP_SUFFIX}")
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
@@ -112,6 +128,15 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     return path
 
 
+HEATMAP_SUFFIX = ".heatmap.png"
+
+
+def heatmap_path_for(result_path: str | Path) -> Path:
+    """The heatmap kept beside a result: ``<sop>.dcm`` -> ``<sop>.heatmap.png``."""
+    p = Path(result_path)
+    return p.with_name(p.stem + HEATMAP_SUFFIX)
+
+
 class Spool:
     def __init__(self, data_dir: Path) -> None:
         self.root = data_dir
@@ -128,6 +153,9 @@ class Spool:
         return _child(_child(self.results_dir, safe_name(study_uid)),
                       f"{safe_name(sop_uid)}.dcm")
 
+    def heatmap_path(self, study_uid: str, sop_uid: str) -> Path:
+        return heatmap_path_for(self.result_path(study_uid, sop_uid))
+
     def quarantine(self, path: Path, reason: str) -> Path:
         """Move a file aside with a ``.reason.txt`` beside it; returns its new path."""
         make_dirs(self.quarantine_dir)
@@ -142,3 +170,79 @@ class Spool:
 
         atomic_write(dest.with_suffix(".reason.txt"), write)
         return dest
+
+    # -- orphans ----------------------------------------------------------------------------
+    def remove_old_temp_files(self, cutoff: float) -> int:
+        """Remove :func:`atomic_write` temporary files last modified before ``cutoff`` (a
+        ``time.time()``) under spool, results and quarantine; returns how many. A temporary
+        name is never reused, so an old one is a write that died with its process."""
+        removed = 0
+        for folder in (self.spool_dir, self.results_dir, self.quarantine_dir):
+            for path in folder.rglob(f".*{TEMP_SUFFIX}"):
+                try:
+                    if path.is_file() and path.stat().st_mtime < cutoff:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue  # renamed into place or removed meanwhile
+        return removed
+
+    def stored_files(self, folder: Path, cutoff: float) -> Iterator[tuple[str, Path]]:
+        """``(key, path)`` of the ``<study>/<sop>.dcm`` files under ``folder`` (the spool or
+        the results) last modified before ``cutoff``; ``key`` is ``<study>/<sop>.dcm``, the
+        part of a worklist path that does not depend on where ``data_dir`` lies. Nothing
+        else (a file this worker did not lay out that way, a temporary file) is listed."""
+        for path in folder.glob("*/*.dcm"):
+            if is_temp_name(path.name):
+                continue
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    yield f"{path.parent.name}/{path.name}", path
+            except FileNotFoundError:
+                continue
+
+    def remove_if_orphan(self, path: Path, cutoff: float,
+                         unreferenced: Callable[[], bool]) -> bool:
+        """Remove ``path`` if it is older than ``cutoff`` and ``unreferenced()`` still holds;
+        True when removed.
+
+        Decision: a store may replace the file at any moment (a modality re-sending the
+        instance), so it is first renamed aside, atomically; the file renamed is then checked
+        (same inode, still old) and the worklist asked again. If either fails, a writer or a
+        row got there first and the file is put back, unless a newer one took its place."""
+        try:
+            before = path.stat()
+        except FileNotFoundError:
+            return False
+        if before.st_mtime >= cutoff:
+            return False
+        aside = _temp_name(path)
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        try:
+            moved = aside.stat()
+            same = (moved.st_ino, moved.st_dev) == (before.st_ino, before.st_dev)
+            orphan = same and moved.st_mtime < cutoff and unreferenced()
+        except BaseException:  # the worklist did not answer: nothing is removed
+            _put_back(aside, path)
+            raise
+        if orphan:
+            aside.unlink()
+            return True
+        _put_back(aside, path)
+        return False
+
+
+def _put_back(aside: Path, path: Path) -> None:
+    """Undo :meth:`Spool.remove_if_orphan`'s rename, unless a newer file took the name."""
+    try:
+        os.link(aside, path)
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links: rename back if still free
+        if not path.exists():
+            os.rename(aside, path)
+            return
+    aside.unlink()

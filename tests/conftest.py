@@ -73,6 +73,17 @@ def need(tool: str) -> str:
 
 
 # -- Orthanc --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OrthancTls:
+    """Orthanc's DICOM port as a TLS PACS (Orthanc >= 1.9): its certificate and key, the CA
+    certificates it trusts, and whether a client must present a certificate."""
+
+    certificate: Path
+    private_key: Path
+    trusted_certificates: Path
+    require_client_certificate: bool = True
+
+
 @dataclass
 class Orthanc:
     root: Path
@@ -81,6 +92,7 @@ class Orthanc:
     dicom_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     worker_port: int = 0
+    tls: OrthancTls | None = None  # None: plain DICOM
     log: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -109,6 +121,14 @@ class Orthanc:
             "HttpTimeout": 10,
             "ConcurrentJobs": 1,
         }
+        if self.tls is not None:
+            cfg.update({
+                "DicomTlsEnabled": True,
+                "DicomTlsCertificate": str(self.tls.certificate),
+                "DicomTlsPrivateKey": str(self.tls.private_key),
+                "DicomTlsTrustedCertificates": str(self.tls.trusted_certificates),
+                "DicomTlsRemoteCertificateRequired": self.tls.require_client_certificate,
+            })
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "orthanc.json").write_text(json.dumps(cfg))
         with open(self.log, "ab") as log:

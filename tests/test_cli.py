@@ -128,6 +128,7 @@ def test_replay_needs_a_selection(env):
 
 
 def test_worklist_empty_and_filters(env):
+    run(env, "db", "upgrade")  # worklist never creates the database (tests/test_api.py)
     assert "(no studies)" in run(env, "worklist").stdout
     assert "(no studies)" in run(env, "worklist", "--since", "2026-01-01T08:00").stdout
     assert "--since" in run(env, "worklist", "--since", "monday", rc=2).stderr

@@ -101,8 +101,11 @@ def _lines(res: subprocess.CompletedProcess[str]) -> dict[str, str]:
 def test_doctor_all_ok_with_a_fresh_data_dir(env):
     data_dir = Path(env["CXR_WORKER__STORAGE__DATA_DIR"])
     lines = _lines(run(env, "doctor"))
-    assert list(lines) == ["config", "listener", "database", "data_dir", "model", "pacs"]
-    assert all(line.startswith("OK ") for name, line in lines.items() if name != "pacs"), lines
+    assert list(lines) == ["config", "tls", "listener", "database", "data_dir", "model",
+                           "pacs"]
+    assert all(line.startswith("OK ") for name, line in lines.items()
+               if name not in ("tls", "pacs")), lines
+    assert lines["tls"].startswith("SKIP tls: not configured")
     assert lines["pacs"].startswith("SKIP pacs: not configured")
     assert "not created yet" in lines["database"]
     assert not data_dir.exists()  # the doctor looks, it does not create

@@ -204,6 +204,12 @@ def test_train_and_evaluate_end_to_end_on_a_tiny_subset(tiny_data, backbone_weig
     assert "calibration" in card and 0 < card["threshold"] < 1
     scorer = Scorer(out)  # the card's hashes match the files written
     assert 0 <= scorer.score_grey(np.zeros((300, 200), np.float32)).probability <= 1
+    # finalize gave each member its feature-map output and head file (the heatmap)
+    assert all(m["head"] in card["files"] for m in card["members"])
+    assert scorer.heatmap_available
+    _, heat = scorer.score_and_heatmap(scorer.prepare(load_grey_image(
+        sorted((KERMANY / "PNEUMONIA").iterdir())[0])))
+    assert heat is not None and heat.shape == (INPUT_SIZE, INPUT_SIZE)
 
     ev = tmp_path / "eval"
     res = subprocess.run(

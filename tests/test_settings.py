@@ -28,8 +28,38 @@ def test_deploy_example_is_valid_and_complete():
     assert s.logging.format == "text"
     for key in ("ae_title", "host", "port", "allowed_calling_ae_titles", "url", "data_dir",
                 "path", "threshold", "format", "max_pdu_bytes", "max_associations",
-                "network_timeout_seconds", "acse_timeout_seconds", "dimse_timeout_seconds"):
+                "network_timeout_seconds", "acse_timeout_seconds", "dimse_timeout_seconds",
+                "tls_certificate", "tls_private_key", "tls_ca_certificates",
+                "tls_require_client_certificate", "tls", "tls_verify_hostname",
+                "max_dataset_bytes", "max_decoded_bytes", "max_inflated_bytes"):
         assert f"{key} =" in text or f"# {key} =" in text, key
+
+
+def test_every_key_is_documented_in_its_section_of_the_deploy_example():
+    import dataclasses
+    import re
+
+    sections: dict[str, str] = {}
+    current = None
+    for line in (REPO / "deploy" / "cxr-worker.toml").read_text().splitlines():
+        if m := re.match(r"^\[(\w+)\]", line):
+            current = m.group(1)
+            sections[current] = ""
+        elif current:
+            sections[current] += line + "\n"
+    defaults = load_settings(None, environ={})
+    missing = [f"{section.name}.{key.name}"
+               for section in dataclasses.fields(defaults)
+               for key in dataclasses.fields(getattr(defaults, section.name))
+               if not re.search(rf"^(# )?{key.name} =", sections.get(section.name, ""), re.M)]
+    assert not missing, f"not in deploy/cxr-worker.toml: {missing}"
+
+
+def test_shutdown_and_sweep_defaults_are_safe():
+    s = load_settings(REPO / "deploy" / "cxr-worker.toml", environ={})
+    assert s.jobs.orphan_grace_seconds == 3600.0  # a store in progress is never swept
+    assert 0 < s.jobs.shutdown_grace_seconds <= 3.0  # SIGTERM: gone within 5 s
+    assert s.pacs.connect_timeout_seconds == 5.0 and s.pacs.timeout_seconds == 30.0
 
 
 def test_file_then_environment(tmp_path):
@@ -72,11 +102,33 @@ def test_config_path_from_environment(tmp_path):
         ('[listener]\nmax_pdu_bytes = 1024\n', {}, "listener.max_pdu_bytes"),
         ("", {"CXR_WORKER__LISTENER__MAX_PDU_BYTES": "16777217"}, "listener.max_pdu_bytes"),
         ('[listener]\nmax_associations = 0\n', {}, "listener.max_associations"),
+        ("", {"CXR_WORKER__LISTENER__MAX_ASSOCIATIONS_PER_HOST": "0"},
+         "listener.max_associations_per_host"),
+        ('[listener]\ncheck_called_ae_title = "no"\n', {}, "listener.check_called_ae_title"),
         ("", {"CXR_WORKER__LISTENER__NETWORK_TIMEOUT_SECONDS": "0"},
          "listener.network_timeout_seconds"),
         ('[listener]\nacse_timeout_seconds = -1\n', {}, "listener.acse_timeout_seconds"),
         ('[listener]\ndimse_timeout_seconds = "x"\n', {}, "listener.dimse_timeout_seconds"),
         ("", {"CXR_WORKER__LOGGING__FORMAT": "JSON "}, "logging.format"),
+        ('[limits]\nmax_dataset_bytes = 1000\n', {}, "limits.max_dataset_bytes"),
+        ("", {"CXR_WORKER__LIMITS__MAX_DECODED_BYTES": "2147483649"},
+         "limits.max_decoded_bytes"),
+        ('[limits]\nmax_inflated_bytes = 8.5e7\n', {}, "limits.max_inflated_bytes"),
+        ('[listener]\ntls_certificate = "/c.pem"\n', {}, "listener.tls_private_key"),
+        ('[listener]\ntls_private_key = "/k.pem"\n', {}, "listener.tls_certificate"),
+        ('[listener]\ntls_certificate = "/c.pem"\ntls_private_key = "/k.pem"\n', {},
+         "listener.tls_ca_certificates"),
+        ('[listener]\ntls_ca_certificates = "/ca.pem"\n', {}, "listener.tls_ca_certificates"),
+        ("", {"CXR_WORKER__LISTENER__TLS_REQUIRE_CLIENT_CERTIFICATE": "maybe"},
+         "listener.tls_require_client_certificate"),
+        ('[pacs]\ntls_ca_certificates = "/ca.pem"\n', {}, "pacs.tls_ca_certificates"),
+        ('[pacs]\ntls = true\ntls_private_key = "/k.pem"\n', {}, "pacs.tls_certificate"),
+        ('[pacs]\ntls = "yes"\n', {}, "pacs.tls"),
+        ('[pacs]\nconnect_timeout_seconds = 0\n', {}, "pacs.connect_timeout_seconds"),
+        ("", {"CXR_WORKER__PACS__TIMEOUT_SECONDS": "-1"}, "pacs.timeout_seconds"),
+        ('[jobs]\norphan_grace_seconds = 59\n', {}, "jobs.orphan_grace_seconds"),
+        ('[jobs]\nshutdown_grace_seconds = 0\n', {}, "jobs.shutdown_grace_seconds"),
+        ("", {"CXR_WORKER__JOBS__SHUTDOWN_GRACE_SECONDS": "61"}, "jobs.shutdown_grace_seconds"),
     ],
 )
 def test_invalid_settings_name_the_key(tmp_path, toml, env, key):
@@ -85,6 +137,19 @@ def test_invalid_settings_name_the_key(tmp_path, toml, env, key):
     with pytest.raises(ConfigError) as exc:
         load_settings(cfg, environ=env)
     assert key in str(exc.value)
+
+
+def test_tls_settings_that_fit_together_load():
+    s = load_settings(None, environ={
+        "CXR_WORKER__LISTENER__TLS_CERTIFICATE": "/c.pem",
+        "CXR_WORKER__LISTENER__TLS_PRIVATE_KEY": "/k.pem",
+        "CXR_WORKER__LISTENER__TLS_REQUIRE_CLIENT_CERTIFICATE": "false",
+        "CXR_WORKER__PACS__TLS": "true"})
+    assert s.listener.tls_certificate == "/c.pem" and not s.listener.tls_ca_certificates
+    assert s.pacs.tls and s.pacs.tls_verify_hostname and not s.pacs.tls_ca_certificates
+    defaults = load_settings(None, environ={})
+    assert not defaults.listener.tls_certificate and not defaults.pacs.tls
+    assert defaults.listener.tls_require_client_certificate
 
 
 def test_invalid_toml_is_reported(tmp_path):
@@ -97,3 +162,14 @@ def test_invalid_toml_is_reported(tmp_path):
 def test_unreadable_config_file_is_reported(tmp_path):
     with pytest.raises(ConfigError, match="cannot read it"):
         load_settings(tmp_path, environ={})  # a folder, not a file
+
+
+def test_limits_defaults_equal_the_decoders():
+    """``[limits]``'s defaults are the ones :mod:`cxr_worker.decode` uses when no settings
+    were given (``score`` of a file, a test), and the service passes them through."""
+    from cxr_worker import service, sizes
+
+    s = load_settings(None, environ={})
+    assert service.size_limits(s) == sizes.Limits()
+    site = load_settings(None, environ={"CXR_WORKER__LIMITS__MAX_DECODED_BYTES": "2097152"})
+    assert service.size_limits(site).max_decoded_bytes == 2097152

@@ -12,11 +12,15 @@ PKG = Path(__file__).resolve().parent.parent / "cxr_worker"
 
 # stage -> cxr_worker modules it may import
 STAGES = {
-    "receive": {"errors", "spool", "worklist"},
+    # sizes: the [limits] checks and bounded inflation both stages apply (imports no stage)
+    "receive": {"errors", "listener", "sizes", "spool", "worklist"},  # listener: the transport
     "gate": {"errors", "labels", "text"},  # text: escaping quoted values
-    "decode": {"errors", "model"},
+    "decode": {"errors", "model", "sizes"},
+    "sizes": {"errors"},
     "score": {"errors", "model", "labels"},
     "report": {"labels"},
+    "report_sr": {"labels", "report"},  # report: ReportConfig, the character set rule
+    "hl7v2": {"errors", "labels"},  # the HL7 result: builds and sends (like report + send)
     "send": {"errors"},
     "spool": {"errors"},
 }

@@ -380,9 +380,12 @@ def test_retention_removes_files_of_finished_instances_only(engine, tmp_path):
 
     def add(status: str, days_old: float) -> tuple[str, str]:
         sop = _add(engine, 1)[0]
-        spool, result = tmp_path / f"{sop}.dcm", tmp_path / f"{sop}.sc.dcm"
+        spool, result = tmp_path / f"{sop}.dcm", tmp_path / "results" / f"{sop}.dcm"
+        heatmap = result.with_name(f"{sop}.heatmap.png")  # goes with its result
+        result.parent.mkdir(exist_ok=True)
         spool.write_bytes(b"x")
         result.write_bytes(b"y")
+        heatmap.write_bytes(b"z")
         with engine.begin() as c:
             c.execute(text("UPDATE instances SET status = :s, received_at = :t, spool_path = :p, "
                            "result_path = :r WHERE sop_instance_uid = :u"),
@@ -397,6 +400,8 @@ def test_retention_removes_files_of_finished_instances_only(engine, tmp_path):
     new_sent = add("sent", 1)
     assert apply_retention(engine, 30, pacs_configured=True) == 1
     assert not any(map(lambda p: Path(p).exists(), old_sent))
+    assert not (tmp_path / "results" / f"{Path(old_sent[0]).stem}.heatmap.png").exists()
+    assert (tmp_path / "results" / f"{Path(old_failed[0]).stem}.heatmap.png").exists()
     for kept in (old_failed, old_scored, new_sent):
         assert all(Path(p).exists() for p in kept)
     assert sum(r.images for r in studies.triage_list(engine, limit=None)) == 4  # rows stay

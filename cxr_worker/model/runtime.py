@@ -65,12 +65,35 @@ class TFLiteScorer:
             self._interp = Interpreter(model_path=str(path), num_threads=num_threads)
             self._interp.allocate_tensors()
         self._in = self._interp.get_input_details()[0]["index"]
-        self._out = self._interp.get_output_details()[0]["index"]
+        outputs = self._interp.get_output_details()
+        # the probability is the one-value output; a second, 4-D output is the feature map
+        # that Grad-CAM needs (cxr_worker.model.heatmap), absent from older model files
+        probs = [d for d in outputs if int(np.prod(d["shape"])) == 1]
+        maps = [d for d in outputs if len(d["shape"]) == 4]
+        if len(probs) != 1 or len(outputs) != 1 + len(maps) or len(maps) > 1:
+            raise ValueError(f"{Path(path).name}: expected a probability output and at most "
+                             f"one feature-map output, got shapes "
+                             f"{[tuple(d['shape']) for d in outputs]}")
+        self._out = probs[0]["index"]
+        self._features: int | None = maps[0]["index"] if maps else None
         self._lock = threading.Lock()
+
+    @property
+    def has_features(self) -> bool:
+        """Whether the file has the feature-map output (a heatmap can be computed)."""
+        return self._features is not None
 
     def predict(self, x: NDArray[np.float32]) -> float:
         """Probability of pneumonia for one (224, 224, 3) float32 input."""
+        return self.predict_with_features(x)[0]
+
+    def predict_with_features(self, x: NDArray[np.float32]
+                              ) -> tuple[float, NDArray[np.float32] | None]:
+        """The probability and (a copy of) the feature map (H, W, C) from one invocation;
+        None for the map when the file has no such output."""
         with self._lock:
             self._interp.set_tensor(self._in, np.ascontiguousarray(x[None], dtype=np.float32))
             self._interp.invoke()
-            return float(self._interp.get_tensor(self._out).ravel()[0])
+            p = float(self._interp.get_tensor(self._out).ravel()[0])
+            feats = None if self._features is None else self._interp.get_tensor(self._features)[0]
+            return p, feats

@@ -17,6 +17,11 @@ what the service will do:
 
 It can be re-run on trained member directories (``training.json`` beside each network's
 files) without training again.
+
+Each member's served file gets a second output for the heatmap (:func:`export_heatmap`): the
+exported flatbuffer with its last feature map (MobileNetV2 ``out_relu``) added to the graph's
+outputs, nothing else changed (the weights are the same bytes, so the probability is the same
+to the bit), and the dense head's weights, read from that flatbuffer, as ``memberN_head.npz``.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from cxr_worker.model import card as model_card
 from cxr_worker.model import metrics
 from cxr_worker.model.calibration import fit_platt
 
+HEAD_SUFFIX = "_head.npz"
+
 TRADEOFF_THRESHOLDS = (0.05, 0.10, 0.20, 0.30, 0.40, 0.50, 0.60, 0.70, 0.80, 0.90, 0.95)
 
 
@@ -47,8 +54,72 @@ class FinalizeConfig:
     min_sensitivity: float = 0.98
 
 
+def add_features_output(tflite: bytes) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The flatbuffer with the feature map that feeds the head's global average pooling added
+    as a second output (named :data:`~cxr_worker.model.heatmap.FEATURES_OUTPUT`, also in the
+    serving signature), and the head's weights as :class:`~cxr_worker.model.heatmap.Head`
+    arrays. The graph must end MEAN -> FULLY_CONNECTED(relu) ... -> FULLY_CONNECTED -> LOGISTIC
+    (the architecture of :mod:`cxr_worker.model.architecture`); anything else is refused."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils as fbu
+
+    from cxr_worker.model.heatmap import FEATURES_OUTPUT, HEAD_KEYS
+
+    model = fbu.read_model_from_bytearray(bytearray(tflite))
+    graph = model.subgraphs[0]
+    ops = [(fbu.opcode_to_name(model, op.opcodeIndex), op) for op in graph.operators]
+    n_dense = len(HEAD_KEYS) // 2
+    tail = [name for name, _ in ops[-(n_dense + 2):]]
+    if tail != ["MEAN", *["FULLY_CONNECTED"] * n_dense, "LOGISTIC"]:
+        raise ValueError(f"the graph ends {tail}, not global average pooling, {n_dense} dense "
+                         "layers and a sigmoid: no heatmap outputs for it")
+    mean = ops[-(n_dense + 2)][1]
+    features = int(mean.inputs[0])
+    if len(graph.tensors[features].shape) != 4 or list(graph.outputs) != [ops[-1][1].outputs[0]]:
+        raise ValueError("unexpected feature-map shape or graph outputs")
+
+    def const(index: int) -> np.ndarray:
+        tensor = graph.tensors[index]
+        if tensor.type != schema.TensorType.FLOAT32:
+            raise ValueError("the head's weights are not float32")
+        data = np.asarray(model.buffers[tensor.buffer].data, np.uint8)
+        return data.view("<f4").reshape(list(tensor.shape)).astype(np.float32)
+
+    head: dict[str, np.ndarray] = {}
+    relu, none = schema.ActivationFunctionType.RELU, schema.ActivationFunctionType.NONE
+    for i, (_, op) in enumerate(ops[-(n_dense + 1):-1]):
+        act = op.builtinOptions.fusedActivationFunction
+        if act != (none if i == n_dense - 1 else relu):
+            raise ValueError(f"dense layer {i} has activation {act}, not the architecture's")
+        head[f"kernel_{i}"] = const(int(op.inputs[1])).T  # TFLite stores (out, in)
+        head[f"bias_{i}"] = const(int(op.inputs[2]))
+    graph.outputs = [*graph.outputs, features]
+    graph.tensors[features].name = FEATURES_OUTPUT.encode()
+    for sig in model.signatureDefs or []:
+        out = schema.TensorMapT()
+        out.name, out.tensorIndex = FEATURES_OUTPUT.encode(), features
+        sig.outputs.append(out)
+    return bytes(fbu.convert_object_to_bytearray(model)), head
+
+
+def export_heatmap(model_dir: Path, tflite_name: str) -> str:
+    """Rewrite ``model_dir / tflite_name`` with the feature-map output (see
+    :func:`add_features_output`) and write the head beside it; returns the head's file name."""
+    import io
+
+    path = model_dir / tflite_name
+    two_outputs, head = add_features_output(path.read_bytes())
+    head_name = Path(tflite_name).stem + HEAD_SUFFIX
+    buf = io.BytesIO()
+    np.savez(buf, allow_pickle=False, **head)  # np.load(allow_pickle=False) reads it
+    path.write_bytes(two_outputs)
+    (model_dir / head_name).write_bytes(buf.getvalue())
+    return head_name
+
+
 def _gather_members(model_dir: Path, member_dirs: list[Path]) -> list[dict[str, Any]]:
-    """Copy each trained network into ``model_dir`` (``member1.tflite`` ...) and describe it."""
+    """Copy each trained network into ``model_dir`` (``member1.tflite`` ...), with the
+    heatmap outputs and head (:func:`export_heatmap`), and describe it."""
     from cxr_worker.training.train import TRAINING_RECORD
 
     out: list[dict[str, Any]] = []
@@ -57,6 +128,7 @@ def _gather_members(model_dir: Path, member_dirs: list[Path]) -> list[dict[str, 
         names = {"tflite": f"member{i}.tflite", "keras": f"member{i}.keras"}
         shutil.copyfile(src / model_card.TFLITE_FILE, model_dir / names["tflite"])
         shutil.copyfile(src / model_card.KERAS_FILE, model_dir / names["keras"])
+        names["head"] = export_heatmap(model_dir, names["tflite"])
         out.append({**names, "alpha": float(record["alpha"]),
                     "preprocessing_version": int(record["preprocessing_version"]),
                     "record": record})
@@ -77,13 +149,14 @@ def finalize(model_dir: Path, cfg: FinalizeConfig, member_dirs: list[Path]) -> d
     members = _gather_members(model_dir, member_dirs)
     files = {}
     for m in members:
-        for kind in ("tflite", "keras"):
+        for kind in ("tflite", "keras", "head"):
             path = model_dir / m[kind]
             files[m[kind]] = {"sha256": model_card.sha256_file(path),
                               "bytes": path.stat().st_size}
     # a provisional card lets the serving code itself score: what the card says is what runs
     provisional = {"model_version": "provisional", "threshold": 0.5, "files": files,
-                   "members": [{k: m[k] for k in ("tflite", "keras", "preprocessing_version")}
+                   "members": [{k: m[k] for k in ("tflite", "keras", "head",
+                                                  "preprocessing_version")}
                                for m in members]}
     model_card.write_card(model_dir, provisional)
     scorer = Scorer(model_dir)
@@ -145,7 +218,8 @@ def finalize(model_dir: Path, cfg: FinalizeConfig, member_dirs: list[Path]) -> d
             "histogram equalisation after the squash (per member, see members)",
         },
         "members": [
-            {"tflite": m["tflite"], "keras": m["keras"], "alpha": m["alpha"],
+            {"tflite": m["tflite"], "keras": m["keras"], "head": m["head"],
+             "alpha": m["alpha"],
              "preprocessing_version": m["preprocessing_version"],
              "max_abs_diff_vs_keras": m.get("max_abs_diff_vs_keras"),
              "training": m["record"]["training"]}

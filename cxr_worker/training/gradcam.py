@@ -1,7 +1,13 @@
 """Grad-CAM on the last convolutional block of MobileNetV2 (``out_relu``).
 
-Needs the Keras model (not the TFLite one); the report stage may overlay the heatmap with
-:func:`overlay`. The service does not compute it by default, as it would import TensorFlow.
+Needs the Keras model (not the TFLite one): the reference for the service's NumPy Grad-CAM on
+the TFLite model's feature map (:mod:`cxr_worker.model.heatmap`), which the tests hold equal
+to this one.
+
+The gradient is that of the logit (the last Dense layer before its sigmoid), not of the
+sigmoid output: the two differ by the positive factor s(1 - s), which the division by the
+maximum removes, but in float32 the sigmoid saturates at exactly 1.0 for a logit above about
+17 and its gradient is then 0, which made the map blank for the surest pneumonias.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ def gradcam(model: Any, x: NDArray[np.float32]) -> NDArray[np.float32]:
     import tensorflow as tf
 
     backbone = model.get_layer("mobilenetv2")
-    head = [model.get_layer(n) for n in ("pool", "fc100", "dropout", "fc50", "pneumonia")]
+    head = [model.get_layer(n) for n in ("pool", "fc100", "dropout", "fc50")]
+    out = model.get_layer("pneumonia")
     rescale = model.get_layer("to_unit_range")
     with tf.GradientTape() as tape:
         feats = backbone(rescale(tf.convert_to_tensor(x[None])), training=False)
@@ -26,7 +33,8 @@ def gradcam(model: Any, x: NDArray[np.float32]) -> NDArray[np.float32]:
         y = feats
         for layer in head:
             y = layer(y, training=False)
-        score = y[:, 0]
+        logit = tf.matmul(y, tf.convert_to_tensor(out.kernel)) + tf.convert_to_tensor(out.bias)
+        score = logit[:, 0]
     grads = tape.gradient(score, feats)[0]
     weights = tf.reduce_mean(grads, axis=(0, 1))
     cam = tf.nn.relu(tf.reduce_sum(feats[0] * weights, axis=-1)).numpy()

@@ -6,7 +6,7 @@ import datetime as dt
 import enum
 from typing import Any
 
-from sqlalchemy import DateTime, Dialect, Float, Index, Integer, String, Text
+from sqlalchemy import BigInteger, DateTime, Dialect, Float, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
@@ -105,7 +105,10 @@ class Instance(Base):
     scored_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
-    __table_args__ = (Index("ix_instances_status_next", "status", "next_attempt_at"),)
+    __table_args__ = (
+        Index("ix_instances_status_next", "status", "next_attempt_at"),
+        Index("ix_instances_received_at", "received_at"),  # replay --since (migration 0005)
+    )
 
 
 class SiteThreshold(Base):
@@ -128,3 +131,109 @@ class SiteThreshold(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     __table_args__ = (Index("ix_site_thresholds_model", "model_version", "id"),)
+
+
+# -- the web worklist (migration 0005) ------------------------------------------------------
+class ApiToken(Base):
+    """An API token (``cxr-worker token create``): only the SHA-256 of the token is stored.
+
+    ``name`` is what the worklist records as who did something (``study_reads.read_by``);
+    names are never reused, even after a revocation, so that record stays unambiguous.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))  # reader | admin
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
+class ApiSession(Base):
+    """A browser session opened with a token (``POST /api/v1/session``): the SHA-256 of the
+    cookie's value, the token it was opened with (revoking the token ends its sessions)."""
+
+    __tablename__ = "api_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    session_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    token_id: Mapped[int] = mapped_column(Integer, index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+
+
+class StudyRead(Base):
+    """A study marked read (``POST /api/v1/studies/{uid}/read``): who (the token's name) and
+    when. The study leaves the active list until an image of it arrives after ``read_at``."""
+
+    __tablename__ = "study_reads"
+
+    study_instance_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    read_by: Mapped[str] = mapped_column(String(64))
+    read_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WorkerState(Base):
+    """Operator switches that outlive a restart and reach every process of the worker (e.g.
+    ``sending_paused``, set from the admin API); one row per key."""
+
+    __tablename__ = "worker_state"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    updated_by: Mapped[str] = mapped_column(String(64), default="")
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+
+class WorklistVersion(Base):
+    """One row: a counter that database triggers (migration 0005) raise whenever a change
+    visible in the triage list commits (instances, study_reads); the web API's ETag and its
+    server-sent ``changed`` event read it, once a second, instead of the list itself."""
+
+    __tablename__ = "worklist_version"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class StudySummary(Base):
+    """One row per study: the triage list's aggregates, kept in step with ``instances`` and
+    ``study_reads`` by database triggers (migration 0005), so that a page of the list is an
+    index range scan instead of a GROUP BY over every image of every year. Never written by
+    the application; see :mod:`cxr_worker.worklist.studies` for what each column means."""
+
+    __tablename__ = "study_summary"
+
+    study_instance_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    accession_number: Mapped[str] = mapped_column(String(16))
+    images: Mapped[int] = mapped_column(Integer)
+    received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())  # first image
+    last_received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime())
+    status: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str] = mapped_column(String(32))
+    band: Mapped[str] = mapped_column(String(16))  # studies.BANDS
+    band_rank: Mapped[int] = mapped_column(Integer)  # the order: studies.RANK_BANDS
+    probability_key: Mapped[float] = mapped_column(Float)  # -probability when suspected, else 0
+    probability: Mapped[float | None] = mapped_column(Float, nullable=True)
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    population_rank: Mapped[int] = mapped_column(Integer)  # 0 in, 1 unknown, 2 outside
+    scored_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    is_read: Mapped[int] = mapped_column(Integer)  # 1: marked read after its last image
+    read_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    read_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    __table_args__ = (
+        Index("ix_study_summary_order", "is_read", "band_rank", "probability_key",
+              "received_at", "study_instance_uid"),
+        Index("ix_study_summary_band", "is_read", "band", "band_rank", "probability_key",
+              "received_at", "study_instance_uid"),
+        Index("ix_study_summary_status", "status", "is_read", "band_rank", "probability_key",
+              "received_at", "study_instance_uid"),
+        Index("ix_study_summary_last_received_at", "last_received_at"),
+        Index("ix_study_summary_accession_number", "accession_number"),
+    )

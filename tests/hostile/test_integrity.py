@@ -283,7 +283,10 @@ def test_resend_for_the_same_study_is_processed_again(site: Site, grey: NDArray[
 
     [row] = site.rows()
     assert row.status == "scored" and row.result_sop_instance_uid == first_result
-    assert len(site.files()) == 1 and len(site.files("results")) == 1
+    results = site.files("results")  # one result and its heatmap, not two of either
+    assert len(site.files()) == 1
+    assert sorted(p.name.removeprefix(ds.SOPInstanceUID) for p in results) == [
+        ".dcm", ".heatmap.png"]
 
 
 # -- 4. Rescale Slope 0 or not finite ---------------------------------------------------------
