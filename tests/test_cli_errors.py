@@ -43,13 +43,23 @@ def error_line(res) -> str:
 
 
 # -- storage.data_dir ---------------------------------------------------------------------
-@pytest.mark.parametrize("command", [("worklist",), ("db", "upgrade"), ("serve",)])
+@pytest.mark.parametrize("command", [("db", "upgrade"), ("serve",)])
 def test_uncreatable_data_dir_names_the_key(env, tmp_path, command):
     afile = tmp_path / "afile"
     afile.write_text("a file, not a folder")  # a folder under a file fails even for root
     bad = {**env, "CXR_WORKER__STORAGE__DATA_DIR": str(afile / "sub")}
     line = one_line(run(bad, *command, rc=2))
     assert f"storage.data_dir {afile / 'sub'}: cannot create or write it" in line
+
+
+def test_worklist_never_creates_the_data_dir_and_names_where_it_looked(env, tmp_path):
+    """``worklist`` only reads: with no worklist where the settings point, it creates nothing
+    and names the database path, the settings read and storage.data_dir."""
+    data = tmp_path / "elsewhere"
+    line = one_line(run({**env, "CXR_WORKER__STORAGE__DATA_DIR": str(data)}, "worklist", rc=2))
+    assert f"no worklist database at {data / 'worklist.db'}" in line
+    assert f"storage.data_dir {data}" in line and "no settings file read" in line
+    assert not data.exists()
 
 
 # -- listener.port -------------------------------------------------------------------------

@@ -9,36 +9,25 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import pytest
-from conftest import postgres_schema, wait_until
+from conftest import wait_until
 from sqlalchemy import Engine
 
 from cxr_worker.jobs import sweep_orphans
 from cxr_worker.spool import Spool, atomic_write
-from cxr_worker.worklist import queue, schema
+from cxr_worker.worklist import queue
 
 GRACE = 3600.0
 OLD = 2 * 3600.0  # seconds before now: older than the grace period
 YOUNG = 60.0
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        eng = queue.make_engine(f"sqlite:///{tmp_path / 'w.db'}")
-        schema.upgrade(eng)
-        yield eng
-        eng.dispose()
-        return
-    with postgres_schema("cxr_sweep") as url:
-        eng = queue.make_engine(url)
-        schema.upgrade(eng)
-        yield eng
-        eng.dispose()
+@pytest.fixture
+def engine(migrated_engine: Engine) -> Engine:
+    return migrated_engine
 
 
 def uid() -> str:

@@ -17,8 +17,6 @@ everything it shows comes from the API, which does.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,7 @@ from starlette.staticfiles import StaticFiles
 
 from cxr_worker import __version__, health
 from cxr_worker.http import HttpServer
+from cxr_worker.lifecycle import wait_for_stop_signal
 from cxr_worker.settings import Settings
 from cxr_worker.web.api import Api
 from cxr_worker.web.auth import CSRF_HEADER, WebContext
@@ -79,15 +78,7 @@ def run_web(s: Settings, engine: Any) -> int:
     host, port = server.address
     logger.info("web worklist on http://%s:%d (auth %s)", host, port, s.http.auth)
     print(f"cxr-worker web ready: http://{host}:{port}/", flush=True)
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: Any) -> None:
-        logger.info("signal %d: shutting down", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    stop.wait()
+    wait_for_stop_signal()
     server.stop()
     engine.dispose()
     return 0

@@ -7,7 +7,9 @@ through :func:`thumbnail_png` and :func:`heatmap_png` only, so what they show is
   LUTs, window, inversion), downscaled to at most ``size`` pixels a side;
 - heatmap: the same radiograph under the image's Grad-CAM heatmap, which the pipeline keeps
   beside its result (:func:`heatmap_file`: ``results/<study>/<sop>.heatmap.png``, 8-bit grey
-  in the frame of the squashed model input, so stretched over the whole radiograph).
+  in the frame of the squashed model input, so stretched over the whole radiograph), drawn
+  by :func:`cxr_worker.report.overlay_png`, the overlay of the Secondary Capture (one
+  drawing: same colours, same opacity).
   No heatmap file (not scored, ``[report] heatmap = false``, a model without heatmap outputs,
   an image scored before heatmaps existed): :class:`UnavailableError`, the API answers 404.
 
@@ -19,7 +21,6 @@ Nothing is written to disk (``cxr-worker web`` may run on a host that only reads
 
 from __future__ import annotations
 
-import io
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -29,12 +30,11 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from cxr_worker.errors import CxrWorkerError
+from cxr_worker.spool import heatmap_path_for
 
 MIN_SIZE, MAX_SIZE, DEFAULT_SIZE = 64, 1024, 256
 MAX_RENDERING = 2
 CACHE_ENTRIES = 256
-HEATMAP_SUFFIX = ".heatmap.png"
-HEATMAP_OPACITY = 0.45  # of the colour where the heat is 1; it falls to 0 with the heat
 
 _render_slots = threading.BoundedSemaphore(MAX_RENDERING)
 _cache: OrderedDict[tuple[object, ...], bytes] = OrderedDict()
@@ -47,12 +47,9 @@ class UnavailableError(Exception):
 
 def heatmap_file(result_path: str | None) -> Path | None:
     """Where an image's heatmap is kept: beside its result, ``<sop>.dcm`` ->
-    ``<sop>.heatmap.png`` (as :func:`cxr_worker.spool.heatmap_path_for`); None when the image
+    ``<sop>.heatmap.png`` (:func:`cxr_worker.spool.heatmap_path_for`); None when the image
     has no result."""
-    if not result_path:
-        return None
-    p = Path(result_path)
-    return p.with_name(p.stem + HEATMAP_SUFFIX)
+    return heatmap_path_for(result_path) if result_path else None
 
 
 def has_heatmap(result_path: str | None) -> bool:
@@ -88,41 +85,17 @@ def _display(spool_path: str) -> NDArray[np.floating]:
     from cxr_worker import decode
 
     try:
-        return decode.display_image(decode.read_file(spool_path))
+        return decode.display_image(decode.read_file(spool_path),
+                                    need=decode.FOR_SCORE_AND_REPORT)  # <= 1024 px shown
     except CxrWorkerError as exc:
         raise UnavailableError("the image cannot be shown (it could not be decoded)") from exc
 
 
-def _grey(display: NDArray[np.floating], size: int) -> Image.Image:
-    h, w = display.shape
-    scale = min(1.0, size / max(h, w))
-    out = (max(1, round(w * scale)), max(1, round(h * scale)))
-    grey = Image.fromarray(np.clip(display, 0, 255).astype(np.float32), mode="F")
-    return grey.resize(out, Image.Resampling.BILINEAR).convert("L")
+def _overlay_png(display: NDArray[np.floating], heat: NDArray[np.uint8] | None,
+                 size: int) -> bytes:
+    from cxr_worker import report  # highdicom: not needed until a picture is asked for
 
-
-def _ramp(v: NDArray[np.floating]) -> NDArray[np.float64]:
-    """blue -> green -> red, RGB in [0, 1] (the colours of the Secondary Capture's overlay)."""
-    v = np.asarray(v, np.float64)
-    return np.stack([np.clip(1.5 - abs(4 * v - 3), 0, 1), np.clip(1.5 - abs(4 * v - 2), 0, 1),
-                     np.clip(1.5 - abs(4 * v - 1), 0, 1)], axis=-1)
-
-
-_PALETTE = [int(c) for c in np.rint(_ramp(np.arange(256) / 255.0) * 255).ravel()]
-_OPACITY = [round(HEATMAP_OPACITY * v) for v in range(256)]
-
-
-def _overlay(grey: Image.Image, heat: Image.Image) -> Image.Image:
-    hm = heat.convert("L").resize(grey.size, Image.Resampling.BILINEAR)
-    colour = hm.copy()
-    colour.putpalette(_PALETTE)
-    return Image.composite(colour.convert("RGB"), grey.convert("RGB"), hm.point(_OPACITY))
-
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return report.overlay_png(display, heat, max_side=size)
 
 
 def thumbnail_png(spool_path: str, size: int = DEFAULT_SIZE) -> bytes:
@@ -133,7 +106,7 @@ def thumbnail_png(spool_path: str, size: int = DEFAULT_SIZE) -> bytes:
     png = _cached(key)
     if png is None:
         with _render_slots:
-            png = _png(_grey(_display(spool_path), size))
+            png = _overlay_png(_display(spool_path), None, size)
         _keep(key, png)
     return png
 
@@ -150,9 +123,9 @@ def heatmap_png(spool_path: str, result_path: str | None, size: int = DEFAULT_SI
     if png is None:
         with _render_slots:
             try:
-                with Image.open(heat_path) as heat:
-                    heat.load()
-                    png = _png(_overlay(_grey(_display(spool_path), size), heat))
+                with Image.open(heat_path) as im:
+                    heat = np.asarray(im.convert("L"), dtype=np.uint8)
+                png = _overlay_png(_display(spool_path), heat, size)
             except (OSError, ValueError) as exc:
                 raise UnavailableError("the heatmap file cannot be read") from exc
         _keep(key, png)

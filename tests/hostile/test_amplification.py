@@ -21,8 +21,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import attacks
 import numpy as np
 import pytest
+from attacks import send_raw, vm_hwm_mb
 from bombs import (
     CR,
     radiograph_header,
@@ -445,21 +447,13 @@ def test_limits_in_the_pipeline_quarantine_with_the_setting_named(
 # -- end to end: the attacks against cxr-worker serve ----------------------------------------
 def vm_hwm_kb(worker: Worker) -> int:
     assert worker.proc is not None
-    for line in Path(f"/proc/{worker.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmHWM")
+    return round(vm_hwm_mb(worker.proc.pid) * 1024)
 
 
 def echoscu(port: int) -> float:
     """dcmtk's C-ECHO as a modality sends it; the seconds it took (it must succeed)."""
-    t0 = time.monotonic()
-    res = subprocess.run(
-        [need("echoscu"), "-to", "5", "-ta", "5", "-td", "5", "-aet", "MODALITY",
-         "-aec", "CXR_WORKER", "127.0.0.1", str(port)],
-        env=DCMTK_ENV, capture_output=True, text=True, timeout=30, check=False)
-    took = time.monotonic() - t0
-    assert res.returncode == 0, res.stdout + res.stderr
+    ok, took, out = attacks.echoscu(port, timeout=5)
+    assert ok, out
     return took
 
 
@@ -467,23 +461,6 @@ def honest_store(worker: Worker, image: Path) -> float:
     t0 = time.monotonic()
     storescu(worker.port, image)
     return time.monotonic() - t0
-
-
-def send_raw(port: int, path: Path, ts: str) -> int:
-    """pynetdicom sends the file's data set bytes as they are (never decoded or
-    re-encoded): what a hostile peer puts on the wire."""
-    ae = AE(ae_title="MODALITY")
-    ae.add_requested_context(CR, ts)
-    ae.dimse_timeout = ae.network_timeout = ae.acse_timeout = 60
-    assoc = ae.associate("127.0.0.1", port, ae_title="CXR_WORKER")
-    try:
-        assert assoc.is_established
-        status = assoc.send_c_store(path)
-        assert status, "no C-STORE response"
-        return int(status.Status)
-    finally:
-        assoc.release()
-        ae.shutdown()
 
 
 @pytest.fixture

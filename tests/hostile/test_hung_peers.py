@@ -9,18 +9,17 @@ once after the restart.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Worker, free_port, need, storescu, wait_until
+from attacks import StoreSCP, quiet_ae
+from conftest import Worker, free_port, storescu, wait_until
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -34,59 +33,7 @@ from cxr_worker.errors import SendError
 SIGTERM_LIMIT = 5.0  # seconds from SIGTERM to the exit of serve
 
 
-# -- a PACS that hangs: dcmtk's storescp, stopped -----------------------------------------------
-@dataclass
-class StoreSCP:
-    """dcmtk's storescp as the PACS; every object it receives is a file of its own (``+uf``),
-    so a result delivered twice shows as two files."""
-
-    out: Path
-    port: int = 0
-    aet: str = "STORESCP"
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.port = self.port or free_port()
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [need("storescp"), "+uf", "-aet", self.aet, "-od", str(self.out), str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_until(self._listens, 10, "storescp to listen")
-
-    def _listens(self) -> bool:
-        assert self.proc is not None and self.proc.poll() is None, "storescp exited"
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-    def hang(self) -> None:
-        """SIGSTOP: the kernel still completes TCP connections; nothing answers them."""
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        os.kill(self.proc.pid, signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGCONT)
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
-
-    def received(self) -> list[Path]:
-        return sorted(p for p in self.out.iterdir() if p.is_file())
-
-    def env(self, timeout_seconds: float = 30.0) -> dict[str, str]:
-        return {"CXR_WORKER__PACS__AE_TITLE": self.aet, "CXR_WORKER__PACS__HOST": "127.0.0.1",
-                "CXR_WORKER__PACS__PORT": str(self.port),
-                "CXR_WORKER__PACS__TIMEOUT_SECONDS": str(timeout_seconds)}
-
-
+# -- a PACS that hangs: dcmtk's storescp (attacks.StoreSCP), stopped ---------------------------
 @pytest.fixture
 def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
     scp = StoreSCP(tmp_path / "pacs-received")
@@ -283,9 +230,7 @@ def _sigterm(worker: Worker) -> tuple[int | None, float]:
 def idle_association() -> Iterator[Callable[[int], object]]:
     """An association to the worker, opened and then left idle (a modality that keeps it)."""
     opened: list[object] = []
-    ae = AE(ae_title="IDLE_MODALITY")
-    ae.add_requested_context(Verification)
-    ae.network_timeout = ae.acse_timeout = ae.dimse_timeout = 120
+    ae = quiet_ae("IDLE_MODALITY", 120)
 
     def open_(port: int) -> object:
         assoc = ae.associate("127.0.0.1", port, ae_title="CXR_WORKER")

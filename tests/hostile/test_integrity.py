@@ -9,7 +9,6 @@ import logging
 import os
 import stat
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 import pytest
+from attacks import parallel_stores
 from conftest import free_port, kermany_files, need, to_bytes
 from make_samples import upsample, wrap
 from numpy.typing import NDArray
@@ -28,7 +28,6 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian
-from pynetdicom import AE
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -139,29 +138,8 @@ def test_parallel_stores_of_one_instance_all_succeed(site: Site, grey: NDArray[n
     ae = receive.make_ae(receive.ListenerConfig("CXR_WORKER", (), False))
     server = ae.start_server(("127.0.0.1", port), block=False,
                              evt_handlers=receive.handlers(site.engine, site.spool, lambda: None))
-    statuses: list[int] = []
-    errors: list[BaseException] = []
-    start = threading.Barrier(8)
-
-    def send() -> None:
-        try:
-            scu = AE(ae_title="MODALITY")
-            scu.add_requested_context(ds.SOPClassUID, ExplicitVRLittleEndian)
-            assoc = scu.associate("127.0.0.1", port, ae_title="CXR_WORKER")
-            assert assoc.is_established
-            start.wait(30)
-            for _ in range(3):
-                statuses.append(int(assoc.send_c_store(ds).Status))
-            assoc.release()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=send) for _ in range(8)]
     try:
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
+        statuses, errors = parallel_stores(port, ds, associations=8, each=3)
     finally:
         server.shutdown()
     assert not errors, errors

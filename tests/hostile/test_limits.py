@@ -10,22 +10,24 @@ from __future__ import annotations
 import hashlib
 import inspect
 import re
-import select
-import socket
 import struct
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import DCMTK_ENV, Worker, need, wait_until
+from attacks import (
+    associate_rq,
+    closed_by_peer,
+    connect,
+    echoscu,
+    quiet_ae,
+    stream_p_data,
+    vm_hwm_mb,
+)
+from conftest import Worker, wait_until
 from pynetdicom import AE, acse, association, dul, evt, fsm, transport
 from pynetdicom import ae as ae_module
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-from pynetdicom.presentation import build_context
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 pytestmark = pytest.mark.slow
 
@@ -52,69 +54,9 @@ def worker(make_worker: Callable[..., Worker]) -> Worker:
     return w
 
 
-def echoscu(port: int, called: str = "CXR_WORKER", calling: str = "MODALITY"
-            ) -> tuple[bool, float, str]:
-    """dcmtk's C-ECHO, as a modality sends it: (succeeded, seconds it took, its output)."""
-    t0 = time.monotonic()
-    res = subprocess.run(
-        [need("echoscu"), "-to", "2", "-ta", "2", "-td", "2", "-aet", calling,
-         "-aec", called, "127.0.0.1", str(port)],
-        env=DCMTK_ENV, capture_output=True, text=True, timeout=10, check=False)
-    return res.returncode == 0, time.monotonic() - t0, res.stdout + res.stderr
-
-
-def connect(port: int, data: bytes, source: str = "127.0.0.1") -> socket.socket:
-    """A raw TCP connection from ``source`` that sends ``data`` and then nothing."""
-    s = socket.socket()
-    s.bind((source, 0))
-    s.connect(("127.0.0.1", port))
-    s.sendall(data)
-    return s
-
-
-def closed_by_peer(s: socket.socket) -> bool:
-    """Whether the worker has closed ``s`` (EOF or reset; anything it sent first is read)."""
-    while select.select([s], [], [], 0)[0]:
-        try:
-            if not s.recv(65536):
-                return True
-        except OSError:
-            return True
-    return False
-
-
-def vm_hwm_mb(pid: int) -> float:
-    """The peak resident memory of process ``pid`` (VmHWM), MB."""
-    for line in Path(f"/proc/{pid}/status").read_text(encoding="ascii").splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
-
-
-def associate_rq(calling: bytes, called: bytes = b"CXR_WORKER") -> bytes:
-    """An A-ASSOCIATE-RQ PDU for Verification with these raw AE title fields (16 bytes each,
-    whatever they hold: pynetdicom itself refuses to send a control character in one)."""
-    rq = A_ASSOCIATE()
-    rq.application_context_name = "1.2.840.10008.3.1.1.1"
-    rq.calling_ae_title, rq.called_ae_title = "CALLINGPLACEHLD", "CALLEDPLACEHOLD"
-    cx = build_context(Verification)
-    cx.context_id = 1
-    rq.presentation_context_definition_list = [cx]
-    ml = MaximumLengthNotification()
-    ml.maximum_length_received = 16384
-    rq.user_information = [ml]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(rq)
-    raw = pdu.encode()
-    raw = raw.replace(b"CALLINGPLACEHLD ", calling.ljust(16)[:16])
-    return raw.replace(b"CALLEDPLACEHOLD ", called.ljust(16)[:16])
-
-
 @pytest.fixture
 def scu() -> Iterator[AE]:
-    ae = AE(ae_title="QUIET")
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30  # the client never gives up
+    ae = quiet_ae()  # the client never gives up
     yield ae
     ae.shutdown()
 
@@ -294,15 +236,8 @@ def test_a_600_mb_p_data_pdu_is_aborted_and_memory_stays_bounded(worker: Worker,
     assoc = scu.associate("127.0.0.1", worker.port, ae_title="CXR_WORKER")
     assert assoc.is_established
     raw = assoc.dul.socket.socket
-    chunk = bytes(2**20)
-    sent, t0 = 0, time.monotonic()
-    try:
-        raw.sendall(struct.pack(">BBL", 0x04, 0, 0xFFFFFFF0))
-        while sent < 600 * 2**20:
-            raw.sendall(chunk)
-            sent += len(chunk)
-    except OSError:
-        pass
+    t0 = time.monotonic()
+    sent = stream_p_data(raw, 0xFFFFFFF0, 600 * 2**20)
     try:
         assert sent < 64 * 2**20, f"the worker read {sent / 2**20:.0f} MB of the PDU"
         assert time.monotonic() - t0 < 10
