@@ -204,20 +204,22 @@ def cmd_worklist(args: argparse.Namespace) -> int:
 
     # the population beside the label: a result is only as good as the population it was
     # validated on (shown for studies with a result; "-" for pending, refused, failed)
-    header = f"{'RESULT':<22} {'POPULATION':<28} {'PROB':>6} {'STATUS':<10} " \
+    header = f"{'RESULT':<22} {'POPULATION':<28} {'PROB':>6} {'STATUS':<11} " \
              f"{'ACCESSION':<16} {'RECEIVED':<19} {'SCORED':<19} {'SENT':<19} " \
-             "STUDY INSTANCE UID / MODEL / REASON"
+             "STUDY INSTANCE UID / MODEL / DELIVERIES / REASON"
     print(header)
     for r in rows:
         prob = format_probability(r.probability) if r.probability is not None else "-"
         population = Population(r.population).text if r.probability is not None else "-"
         extra = r.model_version or ""
+        if r.deliveries:
+            extra += " [" + ", ".join(_delivery_text(d) for d in r.deliveries) + "]"
         if r.reason and r.status != "sent":
             extra += f" ({r.reason})"
         label = r.label if r.status != "not_scored" else "NOT SCORED"
         # the accession, the UID and the reason are the sender's text: escaped
         accession = escape_text(r.accession_number or "-")
-        print(f"{label:<22} {population:<28} {prob:>6} {r.status:<10} "
+        print(f"{label:<22} {population:<28} {prob:>6} {r.status:<11} "
               f"{accession:<16} {_t(r.received_at):<19} {_t(r.scored_at):<19} "
               f"{_t(r.sent_at):<19} {escape_text(r.study_instance_uid)} "
               f"{escape_text(extra)}".rstrip())
@@ -225,6 +227,64 @@ def cmd_worklist(args: argparse.Namespace) -> int:
         print("(no studies)")
     if more:
         print(more)
+    return EXIT_OK
+
+
+def _delivery_text(d: dict[str, Any]) -> str:
+    """``sc sent``, ``sr retrying (3 attempts)``, ``hl7 UNDELIVERED after 10 attempts: ...``."""
+    status, attempts = d["status"], d["attempts"]
+    if status == "failed":
+        return f"{d['kind']} UNDELIVERED after {attempts} attempts: {d['last_error'] or '?'}"
+    if status == "retrying":
+        return f"{d['kind']} retrying ({attempts} attempts: {d['last_error'] or '?'})"
+    return f"{d['kind']} {status}"
+
+
+def _outputs_text(items: list[dict[str, Any]]) -> str:
+    """A replay report's deliveries on one line: ``sc:sent:1.2.3,hl7:retrying:ab12...``."""
+    return ",".join(f"{d['kind']}:{d['status']}:{d['result_uid']}" for d in items)
+
+
+# -- retry ------------------------------------------------------------------------------
+def cmd_retry(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from cxr_worker.worklist import control, deliveries, queue
+    from cxr_worker.worklist.models import Instance, Status
+
+    s = _settings(args)
+    engine = existing_worklist(args, s, "retry")
+    if args.sop:
+        try:
+            what = control.retry_dead_letter(engine, args.sop)
+        except ValueError as exc:
+            _err(f"retry: {args.sop}: {exc}")
+            return EXIT_FAILED
+        if what is None:
+            _err(f"retry: no image {args.sop} in the worklist")
+            return EXIT_FAILED
+        print(f"{escape_text(args.sop)}: queued again ({what}); the running service "
+              f"{'sends' if what == 'send' else 'processes'} it")
+        return EXIT_OK
+    with Session(engine) as session:
+        q = select(Instance.id, Instance.status)
+        if args.study:
+            q = q.where(Instance.study_instance_uid == args.study)
+        rows = session.execute(q).all() if args.study else session.execute(
+            q.where(Instance.status == Status.FAILED)).all()
+    if args.study and not rows:
+        _err(f"retry: no study {args.study} in the worklist")
+        return EXIT_FAILED
+    ids = [i for i, _ in rows]
+    sent = deliveries.retry_failed(engine, instance_ids=ids if args.study else None)
+    failed = [i for i, st in rows if st == Status.FAILED]
+    processed = queue.requeue(engine, failed) if failed else 0
+    if not sent and not processed:
+        _err("retry: nothing failed" + (f" in study {args.study}" if args.study else ""))
+        return EXIT_FAILED
+    print(f"queued again: {sent} deliveries to send, {processed} images to process; the "
+          "running service does it")
     return EXIT_OK
 
 
@@ -356,13 +416,15 @@ def cmd_replay(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(r)
         else:
-            shown = {k: repr(format_probability(v)) if k == "probability" else v
+            shown = {k: repr(format_probability(v)) if k == "probability" else
+                     _outputs_text(v) if k in ("deliveries", "superseded") else v
                      for k, v in r.items() if v is not None}  # probability='> 0.99'
             print(" ".join(f"{k}={escape_text(str(v))}" for k, v in shown.items()))
     if not results:
         _err("nothing to replay")
         return EXIT_FAILED
-    bad = [r for r in results if r.get("status") in ("failed", "not_scored", "error")]
+    bad = [r for r in results
+           if r.get("status") in ("failed", "undelivered", "not_scored", "error")]
     return EXIT_FAILED if bad else EXIT_OK
 
 
@@ -580,6 +642,19 @@ def _add_service_commands(sub: Any, common: argparse.ArgumentParser) -> None:
                     "'more rows' line goes to stderr)")
     sp.set_defaults(func=cmd_worklist)
 
+    sp = sub.add_parser(
+        "retry", parents=[common],
+        help="queue dead letters again: undelivered results (sent again, not rebuilt) and "
+        "images whose processing failed",
+        description="Queue again what failed for good: deliveries dead-lettered after "
+        "jobs.max_attempts (the results are sent again as they were built) and images whose "
+        "processing failed (processed again). The running 'serve' does the work. Exit 1 when "
+        "there was nothing to retry.")
+    which = sp.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", metavar="UID", help="the failures of this study")
+    which.add_argument("--sop", metavar="UID", help="the failures of this image")
+    which.add_argument("--all-failed", action="store_true", help="every failure")
+    sp.set_defaults(func=cmd_retry)
 
     sp = sub.add_parser("replay", parents=[common],
                         help="push stored or given images through the pipeline again")

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 from pydicom.uid import UID
 
-from cxr_worker import __version__, listener, receive, report, send, tls
+from cxr_worker import __version__, listener, receive, report, report_sr, send, tls
 from cxr_worker.service import listener_config
 from cxr_worker.settings import Settings
 
@@ -78,8 +78,10 @@ def statement() -> str:
         f"`{REGENERATE}`.",
         "",
         "The worker receives chest radiographs (C-STORE SCP), scores them for pneumonia and "
-        "stores a Secondary Capture with the result into the same study on the PACS (C-STORE "
-        "SCU). It is a triage aid, not a diagnosis.",
+        "stores the result into the same study on the PACS (C-STORE SCU): a Secondary Capture "
+        "and, when configured (`outputs.kinds`), a Comprehensive 3D SR (TID 1500, IHE AI "
+        "Results); a result replaced by another decision is withdrawn with a Key Object "
+        "Selection rejection note (IHE IOCM). It is a triage aid, not a diagnosis.",
         "",
         "## 1. Implementation",
         "",
@@ -171,7 +173,9 @@ def statement() -> str:
         "",
         "Only when `pacs.ae_title` is set (default: none; results then stay in the worklist). "
         f"The worker calls as `listener.ae_title` (`{d.listener.ae_title}`) and opens one "
-        "association per operation.",
+        "association per operation, proposing only the SOP class of the object it stores "
+        f"(which objects: `outputs.kinds`, default `{', '.join(d.outputs.kinds)}`; see "
+        "section 4). Each object is delivered and retried on its own.",
         "",
         *_table(("operation", "SOP class", "UID", "role", "transfer syntaxes proposed"), [
             *((op, _name(sop), f"`{sop}`", "SCU", ", ".join(_name(ts) for ts in syntaxes))
@@ -188,7 +192,8 @@ def statement() -> str:
             ("any other answer, or none", f"retried with exponential backoff "
              f"({_seconds(d.jobs.retry_base_seconds)} doubling to "
              f"{_seconds(d.jobs.retry_max_seconds)}), at most {d.jobs.max_attempts} attempts "
-             "(`jobs.*`), then shown as failed in the worklist"),
+             "(`jobs.*`), then shown as undelivered in the worklist (the result keeps its "
+             "place; `cxr-worker retry` sends it again)"),
         ]),
         "## 4. The result object",
         "",
@@ -198,9 +203,10 @@ def statement() -> str:
             ("Series Instance UID", "derived from the study and the model version under "
              f"`report.uid_prefix` (`{d.report.uid_prefix}`): one result series per study "
              "and model"),
-            ("SOP Instance UID", "derived from the source SOP Instance UID and the model "
-             "version under `report.uid_prefix`: a replay with the same model replaces the "
-             "result"),
+            ("SOP Instance UID", "derived from the source SOP Instance UID, the model "
+             "version and the decision (label and threshold) under `report.uid_prefix`: the "
+             "same decision is the same instance (a resend); another decision is a new "
+             "instance, and the one it replaces is rejected (below)"),
             ("Series Number (`report.series_number`)", str(d.report.series_number)),
             ("Series Description", report.SERIES_DESCRIPTION),
             ("Manufacturer (`report.manufacturer`)", d.report.manufacturer),
@@ -210,6 +216,39 @@ def statement() -> str:
         ]),
         "Images under `report.uid_prefix` are the worker's own output: they are accepted but "
         "never scored.",
+        "",
+        "With `sr` in `outputs.kinds`, a Structured Report beside it:",
+        "",
+        *_table(("attribute", "value"), [
+            ("SOP Class", f"{_name(report_sr.COMPREHENSIVE_3D_SR)} "
+             f"(`{report_sr.COMPREHENSIVE_3D_SR}`)"),
+            ("Template", "TID 1500 Measurement Report as IHE Radiology AI Results uses it: "
+             "finding Pneumonia (SCT 233604007) present or absent at the operating point "
+             "(qualitative evaluation), the calibrated probability (DCM 122157, UCUM 1), the "
+             "threshold, algorithm identification (TID 4019), the worker as device observer, "
+             "the source image as evidence and in the image library, the validated-population "
+             "note"),
+            ("Series", f"its own, Series Number `report.series_number` + 1 "
+             f"({d.report.series_number + 1}), \"{report_sr.SR_SERIES_DESCRIPTION}\""),
+            ("SOP Instance UID", "as the Secondary Capture's (the decision's); a report that "
+             "replaces one sent before names it in the Predecessor Documents Sequence"),
+            ("Completion / Verification / Preliminary Flag", "COMPLETE / UNVERIFIED / "
+             "PRELIMINARY"),
+        ]),
+        "When a later decision replaces results the PACS may hold (a replay with another "
+        "threshold or model), the worker sends a rejection note withdrawing them:",
+        "",
+        *_table(("attribute", "value"), [
+            ("SOP Class", f"{_name(report_sr.KEY_OBJECT_SELECTION)} "
+             f"(`{report_sr.KEY_OBJECT_SELECTION}`)"),
+            ("Document Title", "(113001, DCM, \"Rejected for Quality Reasons\"), IHE IOCM"),
+            ("Content", "the replaced Secondary Capture and SR (Current Requested Procedure "
+             "Evidence Sequence and content items), the worker as device observer, a Key "
+             "Object Description naming the decision that replaced them"),
+            ("Series", f"its own, Series Number `report.series_number` + 2 "
+             f"({d.report.series_number + 2}), \"{report_sr.KOS_SERIES_DESCRIPTION}\""),
+        ]),
+        "A UID withdrawn this way is never used again for that source image.",
         "",
         "## 5. Character sets",
         "",

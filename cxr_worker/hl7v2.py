@@ -7,7 +7,7 @@
     PID|1||<PatientID>^^^<assigning authority>^MR          (only what Hl7Config.patient_fields adds)
     ORC|RE|<accession>|<accession>||CM[|||^^^^^<priority>]                  (priority: "ORC-7")
     OBR|1|<accession>|<accession>|36554-4^XR Chest Single view^LN|||<acquired>|...
-        |<now>|||F||[^^^^^<priority>]                         (OBR-22 now, OBR-25 F, "OBR-27")
+        |<now>|||F||[^^^^^<priority>]              (OBR-22 now, OBR-25 F or C, "OBR-27")
     NTE|1|L|AI triage - NOT FOR DIAGNOSTIC USE
     [TQ1|1||||||||<priority>^Stat^HL70485]                                        ("TQ1-9")
     OBX|1|CWE|233604007^Pneumonia^SCT||52101004^Present^SCT|||A|||F|||<now>   (Absent: N)
@@ -94,6 +94,7 @@ PRIORITY_FIELDS = frozenset({"OBR-27", "ORC-7", "TQ1-9"})
 PRIORITY_TEXT = {"S": "Stat", "A": "ASAP", "R": "Routine", "P": "Preop", "C": "Callback",
                  "T": "Timing critical", "PRN": "As needed"}
 DELIVERED = frozenset({"AA", "CA"})
+RESULT_STATUSES = ("F", "C")  # final; corrected (a result that replaces one sent before)
 
 
 def _default_priorities() -> dict[str, str]:
@@ -102,7 +103,7 @@ def _default_priorities() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class Hl7Config:
-    """Where the ORU goes and what it says (defaults here; settings wire them later).
+    """Where the ORU goes and what it says (``[hl7]``: :func:`cxr_worker.settings.hl7_config`).
 
     ``host`` empty: no HL7 output. ``assigning_authority`` is PID-3.4.1 (namespace ID),
     ``assigning_authority_oid`` PID-3.4.2 (with PID-3.4.3 ``ISO``), ``identifier_type`` PID-3.5.
@@ -310,7 +311,8 @@ def _header(m: _Message, cfg: Hl7Config, stamp: str, control: str) -> None:
     m.put(msh, 18, CHARACTER_SET)
 
 
-def _order(m: _Message, source: Dataset, cfg: Hl7Config, priority: str, stamp: str) -> None:
+def _order(m: _Message, source: Dataset, cfg: Hl7Config, priority: str, stamp: str, *,
+           result_status: str = "F") -> None:
     """ORC, OBR, the disclaimer (NTE) and, when configured, TQ1 (in ORU_R01's order)."""
     accession = _text(source, "AccessionNumber")
     orc = m.segment("ORC")
@@ -330,7 +332,7 @@ def _order(m: _Message, source: Dataset, cfg: Hl7Config, priority: str, stamp: s
     if acquired is not None:
         m.put(obr, 7, _hl7_datetime(acquired))
     m.put(obr, 22, stamp)
-    m.put(obr, 25, "F")
+    m.put(obr, 25, result_status)
     if "OBR-27" in cfg.priority_fields:
         m.put(obr, 27, "", "", "", "", "", priority)
 
@@ -346,7 +348,8 @@ def _order(m: _Message, source: Dataset, cfg: Hl7Config, priority: str, stamp: s
               "HL70485" if priority in PRIORITY_TEXT else "")
 
 
-def _observations(m: _Message, observations: list[_Observation], stamp: str) -> None:
+def _observations(m: _Message, observations: list[_Observation], stamp: str,
+                  result_status: str = "F") -> None:
     for set_id, (value_type, identifier, value, units, flag) in enumerate(observations, 1):
         obx = m.segment("OBX")
         m.put(obx, 1, str(set_id))
@@ -355,7 +358,7 @@ def _observations(m: _Message, observations: list[_Observation], stamp: str) -> 
         m.put(obx, 5, *value)
         m.put(obx, 6, *units)
         m.put(obx, 8, flag)
-        m.put(obx, 11, "F")
+        m.put(obx, 11, result_status)
         m.put(obx, 14, stamp)
 
 
@@ -370,13 +373,18 @@ def build_oru(
     population_text: str | None = None,
     control_id: str | None = None,
     now: datetime.datetime | None = None,
+    result_status: str = "F",
 ) -> str:
     """The ORU^R01 for one scored image, segments separated by CR (no MLLP framing).
 
     ``label`` is a :class:`~cxr_worker.labels.Label`; ``population_text`` (the gate's line)
     adds an OBX when given; ``control_id`` defaults to :func:`message_control_id`; ``now``
-    (the message time, OBR-22, OBX-14) to the current local time.
+    (the message time, OBR-22, OBX-14) to the current local time. ``result_status`` (OBR-25
+    and each OBX-11, tables 0123 / 0085): ``F`` final, ``C`` a correction of a result sent
+    before with another decision.
     """
+    if result_status not in RESULT_STATUSES:
+        raise ValueError(f"result status {result_status!r} is not one of {RESULT_STATUSES}")
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"probability {probability} outside [0, 1]")
     if label not in (Label.SUSPECTED, Label.NEGATIVE):
@@ -390,7 +398,7 @@ def build_oru(
     m = _Message()
     _header(m, cfg, stamp, control)
     _patient(m, source, cfg)
-    _order(m, source, cfg, priority, stamp)
+    _order(m, source, cfg, priority, stamp, result_status=result_status)
     observations: list[_Observation] = [
         ("CWE", FINDING, PRESENT if suspected else ABSENT, (), "A" if suspected else "N"),
         ("NM", PROBABILITY, (_number(probability),), NO_UNITS, ""),
@@ -400,7 +408,7 @@ def build_oru(
     ]
     if population_text:
         observations.append(("ST", POPULATION, (population_text,), (), ""))
-    _observations(m, observations, stamp)
+    _observations(m, observations, stamp, result_status)
     return str(m).rstrip("\r")
 
 

@@ -2,9 +2,13 @@
 
 Scoring and delivery each run on a thread of their own (:class:`Loop`), so that a PACS that
 hangs (it accepts the TCP connection, then answers nothing) delays only delivery: scoring goes
-on at full speed. Decision: threads rather than APScheduler jobs, because a shutdown must not
-wait for them (a hung send, a long decode) and APScheduler's pool threads are joined when the
-interpreter exits; one association at a time to the PACS, as before.
+on at full speed. Delivery has one thread per destination: the PACS (Secondary Captures,
+SRs, rejection notes) and the RIS (HL7), so one that hangs never holds the other's. Decision:
+threads rather than APScheduler jobs, because a shutdown must not wait for them (a hung send,
+a long decode) and APScheduler's pool threads are joined when the interpreter exits; one
+association at a time to the PACS, as before. An HL7 send in progress at shutdown is bounded
+by ``hl7.timeout_seconds``, not aborted: past the grace period the process exits anyway and
+its lease is given back (the message, same MSH-10, is sent again at the next start).
 
 Each loop runs when woken and every ``jobs.poll_seconds``. Retries are rows whose
 ``next_attempt_at`` lies in the future; a loop picks them up when due, so exponential backoff
@@ -19,8 +23,9 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
+from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import Engine, or_, select
@@ -28,40 +33,58 @@ from sqlalchemy.orm import Session
 
 from cxr_worker.pipeline import Pipeline
 from cxr_worker.spool import Spool, heatmap_path_for
-from cxr_worker.worklist.models import Instance, Status, utcnow
+from cxr_worker.worklist.deliveries import DICOM_KINDS
+from cxr_worker.worklist.models import Delivery, DeliveryStatus, Instance, Status, utcnow
 
 logger = logging.getLogger(__name__)
 
 PROCESS = "process"
-SEND = "send"
+SEND = "send"  # deliveries to the PACS (sc, sr, kos)
+HL7 = "hl7"  # deliveries to the RIS
 RETENTION = "retention"
 SWEEP = "sweep"
 PACS_ECHO = "pacs_echo"
 PACS_ECHO_SECONDS = 60.0
 
 
-def apply_retention(engine: Engine, retention_days: float, pacs_configured: bool) -> int:
+def apply_retention(engine: Engine, retention_days: float, pacs_configured: bool,
+                    live_kinds: Collection[str] | None = None) -> int:
     """Delete spooled images and results of finished instances older than the retention.
 
-    The result's heatmap (``<sop>.heatmap.png`` beside it) goes with the result.
-    Finished: sent, not scored, or scored when no PACS is configured. Failed (dead-letter)
-    instances are kept for the operator. Rows stay (the worklist keeps its history);
-    their file paths are cleared. Returns the number of instances cleaned.
+    The result's heatmap (``<sop>.heatmap.png`` beside it) and the files of its deliveries
+    (SR, rejection notes, HL7 messages) go with the result. Finished: sent, not scored, or
+    scored when no PACS is configured and no delivery of a kind still delivered
+    (``live_kinds``, default the PACS's kinds when one is configured) waits to go. Instances
+    with an undelivered result or a failed processing (dead letters) are kept for the
+    operator. Rows stay (the worklist keeps its history); their file paths are cleared.
+    Returns the number of instances cleaned.
     """
     cutoff = utcnow() - dt.timedelta(days=retention_days)
     finished = [Status.SENT, Status.NOT_SCORED] + ([] if pacs_configured else [Status.SCORED])
+    live = list(live_kinds if live_kinds is not None else
+                (DICOM_KINDS if pacs_configured else ()))
     cleaned = 0
     with Session(engine) as s, s.begin():
         rows = s.scalars(select(Instance).where(
             Instance.status.in_(finished), Instance.received_at < cutoff,
             Instance.spool_path != "")).all()
+        waiting = set(s.scalars(select(Delivery.instance_id).where(
+            Delivery.instance_id.in_([r.id for r in rows]), Delivery.kind.in_(live),
+            Delivery.superseded_at.is_(None),
+            Delivery.status.not_in((DeliveryStatus.SENT, DeliveryStatus.CANCELLED)))))
         for row in rows:
+            if row.id in waiting:
+                continue
             heatmap = heatmap_path_for(row.result_path) if row.result_path else None
-            for p in (row.spool_path, row.result_path, heatmap):
+            outputs = s.scalars(select(Delivery).where(Delivery.instance_id == row.id,
+                                                       Delivery.path.is_not(None))).all()
+            for p in (row.spool_path, row.result_path, heatmap, *(d.path for d in outputs)):
                 if p:
                     Path(p).unlink(missing_ok=True)
             row.spool_path = ""
             row.result_path = None
+            for d in outputs:
+                d.path = None
             cleaned += 1
     if cleaned:
         logger.info("retention: removed the files of %d finished instances", cleaned)
@@ -74,19 +97,26 @@ def _row_key(path: str) -> str:
     return f"{p.parent.name}/{p.name}"
 
 
+def _columns(column: str) -> list[Any]:
+    """The path columns that refer to files of a folder: a result's file is the instance's
+    ``result_path`` or a delivery's ``path`` (SR, rejection note, HL7 message)."""
+    return [getattr(Instance, column), *([Delivery.path] if column == "result_path" else [])]
+
+
 def _referenced(engine: Engine, column: str) -> set[str]:
-    """The ``<study>/<file>`` keys of every non-empty ``spool_path`` or ``result_path``."""
-    col = getattr(Instance, column)
+    """The ``<study>/<file>`` keys of every non-empty ``spool_path``, or of every result
+    file (``result_path`` and the deliveries' paths)."""
     with Session(engine) as s:
-        return {_row_key(p) for p in s.scalars(select(col).where(col.is_not(None), col != ""))}
+        return {_row_key(p) for col in _columns(column)
+                for p in s.scalars(select(col).where(col.is_not(None), col != ""))}
 
 
 def _is_referenced(engine: Engine, column: str, key: str) -> bool:
-    col = getattr(Instance, column)
     pattern = "%/" + key.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
     with Session(engine) as s:
-        return s.scalars(select(Instance.id).where(
+        return any(s.scalars(select(col).where(
             or_(col.like(pattern, escape="\\"), col == key)).limit(1)).first() is not None
+            for col in _columns(column))
 
 
 def _unreferenced(engine: Engine, column: str, key: str) -> Callable[[], bool]:
@@ -108,9 +138,10 @@ def sweep_orphans(engine: Engine, spool: Spool, grace_seconds: float,
     """
     cutoff = (time.time() if now is None else now) - grace_seconds
     counts = {"temporary": spool.remove_old_temp_files(cutoff), "spool": 0, "results": 0}
-    for kind, folder, column in (("spool", spool.spool_dir, "spool_path"),
-                                 ("results", spool.results_dir, "result_path")):
-        old = list(spool.stored_files(folder, cutoff))
+    for kind, folder, column, suffixes in (
+            ("spool", spool.spool_dir, "spool_path", (".dcm",)),
+            ("results", spool.results_dir, "result_path", (".dcm", ".hl7"))):
+        old = list(spool.stored_files(folder, cutoff, suffixes))
         if not old:
             continue
         referenced = _referenced(engine, column)
@@ -180,14 +211,27 @@ class Jobs:
                  orphan_grace_seconds: float = 3600.0) -> None:
         self.pipeline = pipeline
         self.process = Loop(PROCESS, pipeline.process_pending, poll_seconds)
+        # one delivery loop per destination: a PACS that hangs never holds the RIS's ORU
         self.send: Loop | None = None
-        if pipeline.pacs is not None and not pipeline.hold_results:
-            self.send = Loop(SEND, pipeline.send_pending, poll_seconds)
-            pipeline.on_scored = self.send.wake
+        self.hl7: Loop | None = None
+        outputs = pipeline.outputs
+        if outputs.pacs_kinds and not pipeline.hold_results:
+            kinds = outputs.pacs_kinds
+            self.send = Loop(SEND, lambda: pipeline.send_pending(kinds=kinds), poll_seconds)
+        if "hl7" in outputs.delivered and not pipeline.hold_results:
+            self.hl7 = Loop(HL7, lambda: pipeline.send_pending(kinds=("hl7",)), poll_seconds)
+        senders = [loop for loop in (self.send, self.hl7) if loop is not None]
+        if senders:
+            def wake_senders() -> None:
+                for loop in senders:
+                    loop.wake()
+
+            pipeline.on_scored = wake_senders
+        live = (*outputs.pacs_kinds, *(("hl7",) if "hl7" in outputs.delivered else ()))
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.scheduler.add_job(
             apply_retention, "interval", seconds=retention_interval_seconds, id=RETENTION,
-            args=[pipeline.engine, retention_days, pipeline.pacs is not None],
+            args=[pipeline.engine, retention_days, pipeline.pacs is not None, live],
             max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.UTC))
         self.scheduler.add_job(
             sweep_orphans, "interval", seconds=retention_interval_seconds, id=SWEEP,
@@ -200,7 +244,7 @@ class Jobs:
 
     @property
     def loops(self) -> list[Loop]:
-        return [self.process, *([self.send] if self.send is not None else [])]
+        return [self.process, *(loop for loop in (self.send, self.hl7) if loop is not None)]
 
     def start(self) -> None:
         self.scheduler.start()

@@ -7,15 +7,19 @@ Recorded as work happens (by the pipeline):
 - ``cxr_worker_stage_seconds{stage}`` (histogram): decode (read, pixels, model input), score,
   report (build and write the Secondary Capture), send (one C-STORE attempt);
 - ``cxr_worker_deliveries_total{destination}``, ``cxr_worker_delivery_failures_total
-  {destination}`` (counters): results the PACS accepted / attempts that failed;
+  {destination}`` (counters): results the destination accepted / attempts that failed
+  (destination: the PACS's AE title, or ``HL7`` for the RIS);
 - ``cxr_worker_model_info{model_version, threshold}``: the model and threshold in force.
 
-Computed from the worklist at scrape time (one GROUP BY query):
+Computed from the worklist at scrape time (one GROUP BY query each on images and
+deliveries):
 
 - ``cxr_worker_images{status, reason}``: rows by status; ``reason`` buckets why, never the
   free text: the gate rule name, ``quarantined``, ``file_missing`` or ``other`` for
-  not_scored; ``process``/``send`` for failed; ``retrying`` for a row waiting for a retry;
-- ``cxr_worker_queue_depth{queue}``: rows due to ``process`` and to ``send``;
+  not_scored; ``process`` for failed; ``retrying`` for a row waiting for a retry;
+- ``cxr_worker_deliveries{kind, status}``: current deliveries by output kind (sc, sr, kos,
+  hl7) and status (pending, retrying, sent, failed: undelivered, held, cancelled);
+- ``cxr_worker_queue_depth{queue}``: images due to ``process``, deliveries due to ``send``;
 - ``cxr_worker_positive_rate``: suspected / scored among images scored in the last
   ``RECENT_HOURS`` hours (NaN when none), ``cxr_worker_recent_scored_images`` its denominator;
 - ``cxr_worker_pacs_echo_ok{destination}``, ``cxr_worker_pacs_echo_timestamp_seconds
@@ -40,6 +44,8 @@ from sqlalchemy import Engine, and_, case, func, select
 from sqlalchemy.orm import Session
 
 from cxr_worker.labels import Label
+from cxr_worker.worklist.deliveries import OPEN as OPEN_DELIVERIES
+from cxr_worker.worklist.deliveries import counts as delivery_counts
 from cxr_worker.worklist.models import Instance, Status, utcnow
 from cxr_worker.worklist.reasons import reason_bucket
 
@@ -127,6 +133,7 @@ class WorklistCollector(Collector):
                                "1 when the worklist answered this scrape's query")
         try:
             rows = self.counts()
+            output_rows = delivery_counts(self.engine)
         except Exception:
             logger.warning("metrics: the worklist query failed", exc_info=True)
             ok.add_metric([], 0)
@@ -143,8 +150,6 @@ class WorklistCollector(Collector):
             images[(status, bucket)] = images.get((status, bucket), 0) + n
             if is_due and status == Status.RECEIVED:
                 depth["process"] += n
-            elif is_due and status == Status.SCORED and self.pacs_configured:
-                depth["send"] += n
             if label is not None:
                 scored += n
                 suspected += n if label == Label.SUSPECTED else 0
@@ -152,6 +157,17 @@ class WorklistCollector(Collector):
                               labels=["status", "reason"])
         for (status, bucket), n in sorted(images.items()):
             g.add_metric([status, bucket], n)
+        yield g
+        outputs: dict[tuple[str, str], int] = {}
+        for kind, status, is_due, n in output_rows:
+            outputs[(kind, status)] = outputs.get((kind, status), 0) + n
+            if is_due and status in OPEN_DELIVERIES:
+                depth["send"] += n
+        g = GaugeMetricFamily("cxr_worker_deliveries", "Current deliveries of results by "
+                              "output kind (sc, sr, kos, hl7) and status (failed: undelivered)",
+                              labels=["kind", "status"])
+        for (kind, status), n in sorted(outputs.items()):
+            g.add_metric([kind, status], n)
         yield g
         g = GaugeMetricFamily("cxr_worker_queue_depth", "Rows due to process or to send",
                               labels=["queue"])

@@ -1,8 +1,12 @@
 """``cxr-worker replay``: push stored or given images through the pipeline again.
 
-Use after a model change (new scores, a new result series for the new model version) or
-after a PACS outage (results re-sent). Results carry SOP Instance UIDs derived from the
-source and the model version, so a re-sent result replaces the earlier one on the PACS.
+Use after a model change (new scores, a new result series for the new model version), a
+threshold change, or a PACS outage (results re-sent). Results carry UIDs derived from the
+source, the model version and the decision: the same decision is sent again as the same
+objects (the PACS keeps one copy); a changed decision is new objects, and the earlier ones
+that may be at the PACS are withdrawn with a rejection note (IHE IOCM) that the replay sends
+too (:mod:`cxr_worker.pipeline`). The report gives each image's deliveries (``deliveries``:
+kind, status, attempts, last error, result UID) and the replaced ones (``superseded``).
 
 The replay runs in this process on exactly the selected instances (a running ``serve`` may
 take some of them over; the leases keep the two apart). Sends that fail are left to the
@@ -31,7 +35,7 @@ from cxr_worker.errors import UIDConflictError
 from cxr_worker.receive import invalid_uids
 from cxr_worker.settings import Settings
 from cxr_worker.spool import Spool, atomic_write
-from cxr_worker.worklist import queue
+from cxr_worker.worklist import control, deliveries, queue
 from cxr_worker.worklist.models import Instance
 
 logger = logging.getLogger(__name__)
@@ -92,20 +96,24 @@ def _select(engine: Engine, study: str | None, since: dt.datetime | None) -> lis
 
 
 def _describe(engine: Engine, ids: list[int]) -> list[dict[str, Any]]:
+    outputs = deliveries.of_instances(engine, ids)
     with Session(engine) as s:
         rows = s.scalars(select(Instance).where(Instance.id.in_(ids)).order_by(Instance.id))
         out = []
         for r in rows:
-            status = r.status
-            if status == "scored" and r.send_attempts > 0:
-                status = "retrying"
+            mine = outputs.get(r.id, [])
             out.append({
                 "sop_instance_uid": r.sop_instance_uid,
                 "study_instance_uid": r.study_instance_uid,
-                "status": status, "label": r.label, "population": r.population,
-                "probability": r.probability,
+                "status": control.instance_status(r.status, r.delivery),
+                "label": r.label, "population": r.population,
+                "probability": r.probability, "threshold": r.threshold,
                 "model_version": r.model_version,
                 "result_sop_instance_uid": r.result_sop_instance_uid, "reason": r.reason,
+                "deliveries": [deliveries.as_json(d) for d in mine if d.superseded_at is None]
+                or None,
+                "superseded": [deliveries.as_json(d) for d in mine
+                               if d.superseded_at is not None] or None,
             })
         return out
 

@@ -2,8 +2,11 @@
 
 - same Study Instance UID as the source; a new series whose UID is derived from the study and
   the model version (one AI series per study and model), stable configurable Series Number;
-- SOP Instance UID derived from the source SOP Instance UID and the model version, so a
-  replay replaces the earlier result instead of adding one;
+- SOP Instance UID given by the caller: the pipeline derives it from the source, the model
+  version and the decision (:func:`cxr_worker.report_sr.decision_uid`), so a replay with the
+  same decision resends the same object and another decision is a new object (the earlier
+  one is withdrawn with a rejection note, :func:`cxr_worker.report_sr.build_rejection_note`);
+  without one, :func:`result_sop_instance_uid` (source and model version);
 - Source Image Sequence (purpose 121322 "Source image for image processing operation"),
   Referenced Image Sequence, Derivation Description;
 - a banner above a downscaled copy of the radiograph: the result and the population (in
@@ -310,6 +313,7 @@ def build_secondary_capture(
     population_text: str,
     threshold_source: str = "model card",
     heatmap: NDArray[np.floating] | NDArray[np.uint8] | None = None,
+    sop_instance_uid: str | None = None,
 ) -> hd.sc.SCImage:
     """The Secondary Capture for one scored source image; valid when this returns.
 
@@ -317,6 +321,7 @@ def build_secondary_capture(
     gate's line, e.g. "OUTSIDE VALIDATED POPULATION (age 81 years; validated 1-5 years)")
     are shown as large as the label. ``heatmap`` (2-D, in [0, 1] or 8-bit, in the frame of
     the squashed model input, e.g. 224x224) is drawn over the radiograph with its legend.
+    ``sop_instance_uid`` defaults to :func:`result_sop_instance_uid`.
     """
     if not 0.0 <= probability <= 1.0:
         raise ValueError(f"probability {probability} outside [0, 1]")
@@ -339,7 +344,7 @@ def build_secondary_capture(
         series_instance_uid=result_series_instance_uid(
             cfg.uid_prefix, str(source.StudyInstanceUID), model_version),
         series_number=cfg.series_number,
-        sop_instance_uid=result_sop_instance_uid(
+        sop_instance_uid=sop_instance_uid or result_sop_instance_uid(
             cfg.uid_prefix, str(source.SOPInstanceUID), model_version),
         instance_number=1,
         manufacturer=cfg.manufacturer,

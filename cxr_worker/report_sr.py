@@ -51,12 +51,19 @@ Decisions:
 - Patient and Study modules and the Specific Character Set come from the source as for the
   Secondary Capture: invalid Type 2 values (dates, times, sex) are left empty rather than
   failing the result, and are logged by keyword, never by value.
+
+A result that a later decision replaced is withdrawn from the PACS with a rejection note
+(:func:`build_rejection_note`): a Key Object Selection Document (TID 2010) titled "Rejected
+for Quality Reasons" (DCM 113001), as IHE IOCM defines it, that lists the replaced Secondary
+Capture and SR in its content tree and its Current Requested Procedure Evidence Sequence; the
+worker as device observer; a Key Object Description saying what replaced them; same study,
+a KO series of its own (Series Number ``cfg.series_number + 2``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +82,10 @@ from cxr_worker.report import MODEL_NAME, NOT_FOR_DIAGNOSTIC_USE, ReportConfig, 
 logger = logging.getLogger(__name__)
 
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
 SR_SERIES_DESCRIPTION = "AI triage result: pneumonia, structured report (cxr-worker)"
+KOS_SERIES_DESCRIPTION = "AI triage result: rejection notes (cxr-worker)"
+REJECTED_FOR_QUALITY_REASONS = codes.DCM.RejectedForQualityReasons  # 113001
 DEVICE_OBSERVER_NAME = "cxr-worker"
 
 LOCAL_SCHEME = "99CXRW"
@@ -354,3 +364,89 @@ def build_sr(
     logger.debug("SR %s built for %s: %s, %s", uid, source.get("SOPInstanceUID", "?"), label,
                  population)
     return sr
+
+
+# -- the rejection note (IHE IOCM) ------------------------------------------------------------
+# the Patient and Study attributes a rejection note's evidence carries (from the source)
+_STUDY_KEYWORDS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
+                   "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "StudyInstanceUID",
+                   "ReferringPhysicianName")
+
+
+def rejection_note_uid(prefix: str, source_sop_uid: str, rejected: Iterable[str]) -> str:
+    """The rejection note's SOP Instance UID: the same for the same rejected objects (a
+    resend), another for another set."""
+    return str(generate_uid(prefix, entropy_srcs=[source_sop_uid, "kos", *sorted(rejected)]))
+
+
+def kos_series_instance_uid(prefix: str, study_uid: str) -> str:
+    """One rejection-note series per study."""
+    return str(generate_uid(prefix, entropy_srcs=[study_uid, "kos-series"]))
+
+
+def _rejected_evidence(source: Dataset, ref: ResultReference) -> Dataset:
+    """What highdicom needs of a rejected object: the study's Patient and Study attributes
+    (from the source, as the object itself carried them) and the object's UIDs; Rows and
+    Columns for an image, which makes its content item IMAGE rather than COMPOSITE."""
+    study = _evidence(source)
+    ds = Dataset()
+    for keyword in _STUDY_KEYWORDS:
+        if keyword in study:
+            setattr(ds, keyword, study[keyword].value)
+    ds.StudyInstanceUID = ref.study_instance_uid
+    ds.SeriesInstanceUID = ref.series_instance_uid
+    ds.SOPClassUID = ref.sop_class_uid
+    ds.SOPInstanceUID = ref.sop_instance_uid
+    if ref.sop_class_uid not in (COMPREHENSIVE_3D_SR, KEY_OBJECT_SELECTION):
+        ds.Rows = ds.Columns = 1  # an image (its size is not part of the reference)
+    return ds
+
+
+def build_rejection_note(
+    source: Dataset,
+    rejected: Sequence[ResultReference],
+    *,
+    cfg: ReportConfig,
+    description: str,
+    sop_instance_uid: str | None = None,
+    series_number: int | None = None,
+) -> hd.ko.KeyObjectSelectionDocument:
+    """A Key Object Selection Document "Rejected for Quality Reasons" (IHE IOCM) that withdraws
+    ``rejected`` (earlier results of ``source``, same study); valid when this returns.
+
+    ``description`` (the Key Object Description) says what replaced them; it must not carry
+    patient data. ``sop_instance_uid`` defaults to :func:`rejection_note_uid`,
+    ``series_number`` to ``cfg.series_number + 2``.
+    """
+    if not rejected:
+        raise ValueError("a rejection note needs at least one rejected object")
+    study_uid = str(source.StudyInstanceUID)
+    if any(r.study_instance_uid != study_uid for r in rejected):
+        raise ValueError("a rejection note rejects objects of the source's study only")
+    uid = sop_instance_uid or rejection_note_uid(
+        cfg.uid_prefix, str(source.SOPInstanceUID), [r.sop_instance_uid for r in rejected])
+    evidence = [_rejected_evidence(source, r) for r in rejected]
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_observer_uid(cfg.uid_prefix, cfg.manufacturer),
+            name=DEVICE_OBSERVER_NAME, manufacturer_name=cfg.manufacturer,
+            model_name=MODEL_NAME))
+    content = hd.ko.KeyObjectSelection(
+        document_title=REJECTED_FOR_QUALITY_REASONS, referenced_objects=evidence,
+        observer_device_context=observer, description=description[:1024])
+    kos = hd.ko.KeyObjectSelectionDocument(
+        evidence=evidence, content=content,
+        series_instance_uid=kos_series_instance_uid(cfg.uid_prefix, study_uid),
+        series_number=cfg.series_number + 2 if series_number is None else series_number,
+        sop_instance_uid=uid, instance_number=1, manufacturer=cfg.manufacturer,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=KOS_SERIES_DESCRIPTION, manufacturer_model_name=MODEL_NAME,
+        software_versions=[f"cxr-worker {__version__}"],
+        specific_character_set=None)  # as the SR: the source's, copied below
+    charset = result_character_set(source)
+    if charset is not None:
+        kos.SpecificCharacterSet = charset
+    logger.debug("rejection note %s built for %s: %d object(s)", uid,
+                 source.get("SOPInstanceUID", "?"), len(rejected))
+    return kos

@@ -32,7 +32,12 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import A_P_ABORT
-from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification  # type: ignore
+from pynetdicom.sop_class import (  # type: ignore
+    Comprehensive3DSRStorage,
+    KeyObjectSelectionDocumentStorage,
+    SecondaryCaptureImageStorage,
+    Verification,
+)
 
 from cxr_worker.errors import SendError
 
@@ -40,8 +45,13 @@ logger = logging.getLogger(__name__)
 
 # the presentation contexts proposed to the PACS (SCU role), per operation
 ECHO_CONTEXTS: list[tuple[str, list[str]]] = [(Verification, [ImplicitVRLittleEndian])]
+# C-STORE: the result objects (outputs.kinds "sc", "sr"; the rejection note that withdraws
+# an earlier result); each association proposes only the class of the object it carries
 STORE_CONTEXTS: list[tuple[str, list[str]]] = [
-    (SecondaryCaptureImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])]
+    (SecondaryCaptureImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
+    (Comprehensive3DSRStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
+    (KeyObjectSelectionDocumentStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
+]
 # C-STORE answers that count as delivered: success, and the warnings 0xB000-0xB007 (stored,
 # with coercion); any other answer, or none, is a SendError and the result is retried
 STORE_DELIVERED = (0x0000, *range(0xB000, 0xB008))
@@ -215,10 +225,18 @@ def echo(peer: Peer, outbound: Outbound = OUTBOUND) -> None:
 
 
 def store(peer: Peer, ds: Dataset, outbound: Outbound = OUTBOUND) -> None:
-    """C-STORE one Secondary Capture; raise SendError unless the PACS answers success."""
-    assoc = _associate(peer, STORE_CONTEXTS, outbound)
+    """C-STORE one result object (Secondary Capture, Comprehensive 3D SR, Key Object
+    Selection), proposing its SOP class only; raise SendError unless the PACS answers
+    success (a PACS that does not take the class rejects the context: a SendError too)."""
+    contexts = [c for c in STORE_CONTEXTS if c[0] == ds.SOPClassUID]
+    if not contexts:
+        raise SendError(f"no presentation context for SOP class {ds.SOPClassUID}")
+    assoc = _associate(peer, contexts, outbound)
     try:
         status = assoc.send_c_store(ds)
+    except ValueError as exc:  # pynetdicom: no accepted context for the class
+        raise SendError(f"C-STORE {ds.SOPInstanceUID} to {peer.ae_title}: the PACS accepted "
+                        f"no presentation context for {ds.SOPClassUID}") from exc
     finally:
         assoc.release()
         _forget(outbound, assoc)

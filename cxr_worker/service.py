@@ -13,7 +13,6 @@ import ctypes
 import errno
 import logging
 import os
-import signal
 import sys
 import tempfile
 import threading
@@ -27,13 +26,14 @@ from cxr_worker import gate, health, receive, report, send, sizes, tls
 from cxr_worker.errors import StartupError
 from cxr_worker.http import HttpServer
 from cxr_worker.jobs import Jobs
+from cxr_worker.lifecycle import wait_for_stop_signal
 from cxr_worker.metrics import Metrics
 from cxr_worker.model import card as model_card
-from cxr_worker.pipeline import Pipeline
+from cxr_worker.pipeline import Outputs, Pipeline
 from cxr_worker.score import SHIPPED_MODEL_DIR, Scorer, ThresholdChoice
-from cxr_worker.settings import Settings
+from cxr_worker.settings import Settings, hl7_config
 from cxr_worker.spool import Spool
-from cxr_worker.worklist import queue, schema, site
+from cxr_worker.worklist import deliveries, queue, schema, site
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,9 @@ def open_worklist(s: Settings, migrate: bool = False) -> Engine:
 
 def existing_worklist(s: Settings) -> Engine | None:
     """The worklist's engine if it exists already (one-shot commands never create one)."""
-    return None if schema.not_created(s.database_url) else open_worklist(s)
+    with schema.named_errors(s.database_url):  # "not a URL" named like start-up does
+        missing = schema.not_created(s.database_url)
+    return None if missing else open_worklist(s)
 
 
 def size_limits(s: Settings) -> sizes.Limits:
@@ -178,7 +180,13 @@ def build_pipeline(s: Settings, scorer: Scorer, engine: Engine, *,
     return Pipeline(engine=engine, spool=Spool(s.data_dir), scorer=scorer,
                     gate_cfg=gate_config(s), report_cfg=report_config(s), retry=retry,
                     pacs=pacs_peer(s), hold_results=hold_results, only_ids=only_ids,
-                    metrics=metrics)
+                    metrics=metrics, outputs=outputs_config(s))
+
+
+def outputs_config(s: Settings) -> Outputs:
+    """``[outputs]`` and ``[hl7]``: what is built and where each goes."""
+    return Outputs(delivered=s.delivered_kinds,
+                   hl7=hl7_config(s) if "hl7" in s.delivered_kinds else None)
 
 
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -277,6 +285,7 @@ def serve(s: Settings, migrate: bool = True) -> int:
         pipeline.stopping.set()
         jobs.stop(time.monotonic() + s.jobs.shutdown_grace_seconds)
         queue.release_leases(pipeline.engine, pipeline.owner)
+        deliveries.release_leases(pipeline.engine, pipeline.owner)
         pipeline.engine.dispose()
         if web is not None:
             web.stop()
@@ -285,21 +294,15 @@ def serve(s: Settings, migrate: bool = True) -> int:
     host, port = server.server_address[:2]
     logger.info(
         "listening as %s on %s:%d; model %s (threshold %s, warm-up %.0f ms); PACS %s; "
-        "ready in %.1f s", s.listener.ae_title, host, port, scorer.model_version,
+        "outputs %s; ready in %.1f s", s.listener.ae_title, host, port, scorer.model_version,
         scorer.describe_threshold(), warm * 1000,
         f"{s.pacs.ae_title}@{s.pacs.host}:{s.pacs.port}" if s.pacs_configured else
-        "not configured (results stay in the worklist)", time.monotonic() - t0)
+        "not configured (results stay in the worklist)",
+        ", ".join(f"{k} to {f'{s.hl7.host}:{s.hl7.port}' if k == 'hl7' else 'the PACS'}"
+                  for k in s.delivered_kinds) or "none delivered", time.monotonic() - t0)
     print(f"cxr-worker ready: {s.listener.ae_title}@{host}:{port}", flush=True)
 
-    stop = threading.Event()
-
-    def _on_signal(signum: int, _frame: Any) -> None:
-        logger.info("signal %d: shutting down", signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
-    stop.wait()
+    wait_for_stop_signal()
     return shut_down(server, jobs, pipeline, web, s.jobs.shutdown_grace_seconds)
 
 
@@ -338,7 +341,8 @@ def shut_down(server: Any, jobs: Jobs, pipeline: Pipeline, web: HttpServer | Non
         send.hard_abort(assoc)
     echoes = send.OUTBOUND.abort_all(refuse_new=True)
     jobs.stop(deadline)  # a job still running past it is logged there
-    released = queue.release_leases(pipeline.engine, pipeline.owner)
+    released = queue.release_leases(pipeline.engine, pipeline.owner) + \
+        deliveries.release_leases(pipeline.engine, pipeline.owner)
     pipeline.engine.dispose()
     if web is not None:
         web.stop()

@@ -169,6 +169,45 @@ class Http:
     cookie_secure: bool = False
 
 
+OUTPUT_KINDS = ("sc", "sr", "hl7")
+
+
+@dataclass
+class Outputs:
+    # what each scored image produces and delivers, each delivered and retried on its own
+    # (its own status in the worklist): "sc" the Secondary Capture (a picture with the result
+    # burned in) and "sr" the Structured Report (TID 1500, IHE AI Results), both to the PACS
+    # ([pacs]); "hl7" an HL7 v2.5.1 ORU^R01 to the RIS over MLLP ([hl7]). The Secondary
+    # Capture is always built and kept under data_dir/results (the worklist's record)
+    kinds: list[str] = field(default_factory=lambda: ["sc"])
+
+
+@dataclass
+class Hl7:
+    # the RIS or reading worklist that receives an ORU^R01 per scored image (outputs.kinds
+    # "hl7"); one MLLP connection per message, the ACK awaited (AA: delivered; AE/AR, no
+    # ACK, no connection: retried as [jobs] says, then undelivered)
+    host: str = ""  # required with "hl7" in outputs.kinds
+    port: int = 2575
+    sending_application: str = "CXR_WORKER"  # MSH-3
+    sending_facility: str = ""  # MSH-4
+    receiving_application: str = ""  # MSH-5
+    receiving_facility: str = ""  # MSH-6
+    assigning_authority: str = ""  # PID-3.4.1 (namespace of the Patient ID)
+    assigning_authority_oid: str = ""  # PID-3.4.2 (with PID-3.4.3 ISO)
+    identifier_type: str = "MR"  # PID-3.5
+    # what else of the patient goes in PID (PID-3, the Patient ID, always): name (PID-5),
+    # birth_date (PID-7), sex (PID-8); empty: nothing else
+    patient_fields: list[str] = field(default_factory=list)
+    # where the priority goes: OBR-27 (OBR-27.6), ORC-7 (ORC-7.6), TQ1-9
+    priority_fields: list[str] = field(default_factory=lambda: ["OBR-27"])
+    priority_suspected: str = "S"  # the code for SUSPECTED PNEUMONIA (S: stat)
+    priority_negative: str = "R"  # the code for NO PNEUMONIA DETECTED (R: routine)
+    processing_id: str = "P"  # MSH-11: P production, T training, D debugging
+    connect_timeout_seconds: float = 10.0
+    timeout_seconds: float = 30.0  # for the ACK after the message is sent
+
+
 LOG_FORMATS = ("text", "json")
 
 
@@ -192,6 +231,8 @@ class Settings:
     report: Report = field(default_factory=Report)
     logging: Logging = field(default_factory=Logging)
     http: Http = field(default_factory=Http)
+    outputs: Outputs = field(default_factory=Outputs)
+    hl7: Hl7 = field(default_factory=Hl7)
 
     @property
     def data_dir(self) -> Path:
@@ -204,6 +245,13 @@ class Settings:
     @property
     def pacs_configured(self) -> bool:
         return bool(self.pacs.ae_title)
+
+    @property
+    def delivered_kinds(self) -> tuple[str, ...]:
+        """The output kinds that have somewhere to go: ``sc`` and ``sr`` with a PACS, ``hl7``
+        (its host is then required); each gets a delivery of its own."""
+        return tuple(k for k in OUTPUT_KINDS if k in self.outputs.kinds
+                     and (k == "hl7" or self.pacs_configured))
 
 
 def _env_bool(key: str, value: str) -> bool:
@@ -282,6 +330,53 @@ def _validate(s: Settings) -> None:
     if s.pacs_configured and not s.pacs.host:
         raise ConfigError("pacs.host: required when pacs.ae_title is set")
     _validate_processing(s)
+    _validate_outputs(s)
+
+
+def _validate_outputs(s: Settings) -> None:
+    kinds = s.outputs.kinds
+    unknown = [k for k in kinds if k not in OUTPUT_KINDS]
+    if unknown:
+        raise ConfigError(f"outputs.kinds: {unknown[0]!r} is not one of "
+                          f"{', '.join(OUTPUT_KINDS)}")
+    if not kinds:
+        raise ConfigError(f"outputs.kinds: empty; name at least one of {', '.join(OUTPUT_KINDS)}")
+    if len(set(kinds)) != len(kinds):
+        raise ConfigError("outputs.kinds: a kind is named twice")
+    h = s.hl7
+    if "hl7" in kinds and not h.host:
+        raise ConfigError('hl7.host: required when outputs.kinds has "hl7" (the RIS\'s MLLP '
+                          "listener)")
+    if not 0 < h.port <= 65535:
+        raise ConfigError(f"hl7.port: {h.port} is not a TCP port (1-65535)")
+    for name in ("timeout_seconds", "connect_timeout_seconds"):
+        if not getattr(h, name) > 0:
+            raise ConfigError(f"hl7.{name}: must be positive")
+    for name in ("priority_suspected", "priority_negative", "sending_application"):
+        if not getattr(h, name):
+            raise ConfigError(f"hl7.{name}: must not be empty")
+    try:
+        hl7_config(s)
+    except ValueError as exc:  # the builder's own check names the key (hl7.patient_fields...)
+        raise ConfigError(str(exc)) from None
+
+
+def hl7_config(s: Settings) -> Any:
+    """``[hl7]`` as the builder's :class:`cxr_worker.hl7v2.Hl7Config`."""
+    from cxr_worker.hl7v2 import Hl7Config
+    from cxr_worker.labels import Label
+
+    h = s.hl7
+    return Hl7Config(
+        host=h.host, port=h.port, sending_application=h.sending_application,
+        sending_facility=h.sending_facility, receiving_application=h.receiving_application,
+        receiving_facility=h.receiving_facility, assigning_authority=h.assigning_authority,
+        assigning_authority_oid=h.assigning_authority_oid, identifier_type=h.identifier_type,
+        patient_fields=tuple(h.patient_fields), priority_fields=tuple(h.priority_fields),
+        priorities={Label.SUSPECTED.value: h.priority_suspected,
+                    Label.NEGATIVE.value: h.priority_negative},
+        processing_id=h.processing_id, connect_timeout_seconds=h.connect_timeout_seconds,
+        timeout_seconds=h.timeout_seconds)
 
 
 HTTP_AUTH = ("token", "none")

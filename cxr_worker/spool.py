@@ -6,6 +6,9 @@ Layout under ``data_dir``::
     results/<Study Instance UID>/<SOP Instance UID>.dcm  Secondary Captures built for them
     results/<Study Instance UID>/<SOP Instance UID>.heatmap.png  their Grad-CAM heatmaps
                                                           (8-bit grey, 224x224; [report] heatmap)
+    results/<Study Instance UID>/<SOP Instance UID>.<kind>.<result UID>.dcm|.hl7
+                        the other outputs ([outputs] kinds): structured reports (sr), rejection
+                        notes (kos), HL7 messages (hl7, named by their MSH-10), one file each
     quarantine/<SOP Instance UID or hash>.dcm            files that could not be processed
 
 File names carry UIDs only; a value that is not a well-formed UID is replaced by its hash, so
@@ -129,6 +132,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> Path:
 
 
 HEATMAP_SUFFIX = ".heatmap.png"
+OUTPUT_SUFFIXES = {"sr": ".dcm", "kos": ".dcm", "hl7": ".hl7"}
 
 
 def heatmap_path_for(result_path: str | Path) -> Path:
@@ -152,6 +156,14 @@ class Spool:
     def result_path(self, study_uid: str, sop_uid: str) -> Path:
         return _child(_child(self.results_dir, safe_name(study_uid)),
                       f"{safe_name(sop_uid)}.dcm")
+
+    def output_path(self, study_uid: str, sop_uid: str, kind: str, result_uid: str) -> Path:
+        """The file of one output (``sr``, ``kos``: DICOM; ``hl7``: the message as sent)."""
+        if kind not in OUTPUT_SUFFIXES:
+            raise ValueError(f"not an output kind with a file of its own: {kind!r}")
+        return _child(_child(self.results_dir, safe_name(study_uid)),
+                      f"{safe_name(sop_uid)}.{kind}.{safe_name(result_uid)}"
+                      f"{OUTPUT_SUFFIXES[kind]}")
 
     def heatmap_path(self, study_uid: str, sop_uid: str) -> Path:
         return heatmap_path_for(self.result_path(study_uid, sop_uid))
@@ -187,12 +199,14 @@ class Spool:
                     continue  # renamed into place or removed meanwhile
         return removed
 
-    def stored_files(self, folder: Path, cutoff: float) -> Iterator[tuple[str, Path]]:
-        """``(key, path)`` of the ``<study>/<sop>.dcm`` files under ``folder`` (the spool or
-        the results) last modified before ``cutoff``; ``key`` is ``<study>/<sop>.dcm``, the
-        part of a worklist path that does not depend on where ``data_dir`` lies. Nothing
+    def stored_files(self, folder: Path, cutoff: float,
+                     suffixes: tuple[str, ...] = (".dcm",)) -> Iterator[tuple[str, Path]]:
+        """``(key, path)`` of the ``<study>/<name><suffix>`` files under ``folder`` (the spool
+        or the results) last modified before ``cutoff``; ``key`` is ``<study>/<file name>``,
+        the part of a worklist path that does not depend on where ``data_dir`` lies. Nothing
         else (a file this worker did not lay out that way, a temporary file) is listed."""
-        for path in folder.glob("*/*.dcm"):
+        paths = (p for suffix in suffixes for p in folder.glob(f"*/*{suffix}"))
+        for path in paths:
             if is_temp_name(path.name):
                 continue
             try:

@@ -420,3 +420,17 @@ def postgres_schema(prefix: str = "cxr_test") -> Iterator[str]:
         with base.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
             c.execute(text(f'DROP SCHEMA "{name}" CASCADE'))
         base.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def migrated_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """A migrated worklist, once on SQLite and once on a throwaway PostgreSQL schema."""
+    from cxr_worker.worklist import queue, schema
+
+    with contextlib.ExitStack() as stack:
+        url = (f"sqlite:///{tmp_path / 'w.db'}" if request.param == "sqlite"
+               else stack.enter_context(postgres_schema()))
+        eng = queue.make_engine(url)
+        schema.upgrade(eng)
+        yield eng
+        eng.dispose()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SAMPLES, free_port, postgres_schema, run_cli, storescu, wait_until
+from conftest import SAMPLES, free_port, run_cli, storescu, wait_until
 from PIL import Image
 from sqlalchemy import Engine, text, update
 
@@ -33,26 +33,16 @@ from cxr_worker.http import HttpServer
 from cxr_worker.labels import Label, Population
 from cxr_worker.settings import load_settings
 from cxr_worker.web.app import add_web_routes
-from cxr_worker.worklist import control, queue, schema, studies, tokens
+from cxr_worker.worklist import control, deliveries, queue, studies, tokens
 from cxr_worker.worklist.models import Instance, Status, utcnow
 
 SAMPLE = SAMPLES / "cr_pa_normal_12bit.dcm"
 
 
 # -- fixtures -------------------------------------------------------------------------------
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request, tmp_path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        eng = queue.make_engine(f"sqlite:///{tmp_path / 'w.db'}")
-        schema.upgrade(eng)
-        yield eng
-        eng.dispose()
-        return
-    with postgres_schema() as url:
-        eng = queue.make_engine(url)
-        schema.upgrade(eng)
-        yield eng
-        eng.dispose()
+@pytest.fixture
+def engine(migrated_engine: Engine) -> Engine:
+    return migrated_engine
 
 
 @dataclass
@@ -155,12 +145,17 @@ def _add(engine: Engine, study: str, *, accession: str = "A1", **values: Any) ->
     return sop
 
 
+# the image's delivery (instances.delivery) that goes with each status, as the application
+# writes it with the image's deliveries (tests override it: retrying, undelivered)
+_DELIVERY_OF = {Status.SENT: "sent", Status.HELD: "held", Status.SCORED: "waiting"}
+
+
 def scored(p: float, population: Population = Population.IN, status: str = Status.SENT,
            threshold: float = 0.5, **extra: Any) -> dict[str, Any]:
     return {"status": status, "probability": p, "threshold": threshold, "model_version": "m1",
             "label": Label.SUSPECTED if p >= threshold else Label.NEGATIVE,
             "population": population, "scored_at": utcnow(), "result_path": "/r.dcm",
-            **extra}
+            "delivery": _DELIVERY_OF.get(status), **extra}
 
 
 def _at(minutes: float) -> dt.datetime:
@@ -183,7 +178,8 @@ def _bands_fixture(engine: Engine) -> list[str]:
     _add(engine, "9.neg.in.early", received_at=_at(20), **scored(0.3, status=Status.SCORED))
     # a suspected study whose delivery failed for good stays in its band
     _add(engine, "9.susp.in.undelivered", received_at=_at(30),
-         **scored(0.8, status=Status.FAILED, reason="sending failed 10 times: refused"))
+         **scored(0.8, status=Status.SCORED, delivery="undelivered",
+                  reason="sending failed 10 times (sc): refused"))
     return ["9.susp.in.high", "9.susp.in.undelivered", "9.susp.in.low", "9.susp.out.high",
             "9.neg.in.early", "9.neg.in.late", "9.neg.out", "9.refused", "9.pending",
             "9.failed"]
@@ -204,8 +200,10 @@ def test_bands_and_their_order(api):
     assert [by[u]["band"] for u in expected] == [
         "suspected", "suspected", "suspected", "outside", "routine", "routine", "outside",
         "not_scored", "pending", "failed"]
-    assert by["9.susp.in.undelivered"]["status"] == "failed"
+    assert by["9.susp.in.undelivered"]["status"] == "undelivered"
     assert by["9.susp.in.undelivered"]["label"] == Label.SUSPECTED
+    assert by["9.susp.in.undelivered"]["probability"] == pytest.approx(0.8)
+    assert "sending failed" in by["9.susp.in.undelivered"]["reason"]
     assert by["9.refused"]["label"] == "NOT SCORED" and "view_position" in by["9.refused"][
         "reason"]
     assert by["9.neg.out"]["population"] == "unknown"
@@ -282,8 +280,11 @@ def test_filters(api):
     _add(engine, "8.held", accession="ACC-3", received_at=_at(1),
          **scored(0.2, status=Status.HELD))
     _add(engine, "8.retry", accession="ACC-3", received_at=_at(2),
-         **scored(0.2, status=Status.SCORED, send_attempts=2, reason="retrying (2/10): x"))
+         **scored(0.2, status=Status.SCORED, delivery="retrying"))
+    _add(engine, "8.undelivered", accession="ACC-4", received_at=_at(-60 * 24 - 1),
+         **scored(0.1, status=Status.SCORED, delivery="undelivered"))
     get = api.reader.get
+    assert _uids(get("/api/v1/studies?status=undelivered")) == ["8.undelivered"]
     assert _uids(get("/api/v1/studies?status=suspected")) == ["8.old"]
     assert _uids(get("/api/v1/studies?status=held")) == ["8.held"]
     assert _uids(get("/api/v1/studies?status=retrying")) == ["8.retry"]
@@ -335,7 +336,7 @@ def test_one_study_with_its_images(api):
     b = _add(engine, "5.1", received_at=_at(1), status=Status.NOT_SCORED,
              reason="out of scope (view_position): LL")
     c = _add(engine, "5.1", received_at=_at(2),
-             **scored(0.2, status=Status.SCORED, send_attempts=1, reason="retrying (1/10): x"))
+             **scored(0.2, status=Status.SCORED, delivery="retrying"))
     body = api.reader.get("/api/v1/studies/5.1").json()
     assert body["study"]["study_instance_uid"] == "5.1" and body["study"]["images"] == 3
     assert body["study"]["status"] == "retrying" and body["sending_paused"] is False
@@ -493,19 +494,53 @@ def test_serve_refuses_auth_none_on_a_public_address(env):
 
 
 # -- admin actions ------------------------------------------------------------------------------
+def _deliver(engine: Engine, sop: str, kind: str, status: str, **values: Any) -> None:
+    """A delivery of image ``sop`` in ``status``, written as the application does (with the
+    image's delivery and status refreshed in the same transaction)."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from cxr_worker.worklist.deliveries import refresh_instance
+    from cxr_worker.worklist.models import Delivery
+
+    with Session(engine) as s, s.begin():
+        row_id = s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop))
+        s.add(Delivery(instance_id=row_id, kind=kind, status=status, result_uid=f"9.{kind}",
+                       path="/r.dcm", attempts=values.pop("attempts", 0), **values))
+        s.flush()
+        refresh_instance(s, row_id)
+
+
 def test_retry_dead_letters(api):
     engine = api.engine
     process = _add(engine, "4.2", status=Status.FAILED, attempts=10,
                    reason="processing failed 10 times: boom")
-    send = _add(engine, "4.2", **scored(0.9, status=Status.FAILED, send_attempts=10,
-                                         reason="sending failed 10 times: refused"))
+    send = _add(engine, "4.2", **scored(0.9, status=Status.SCORED))
+    _deliver(engine, send, "sc", "failed", attempts=10, last_error="refused")
+    _deliver(engine, send, "hl7", "sent")
     fine = _add(engine, "4.3", **scored(0.2))
     listed = api.admin.get("/api/v1/admin/dead-letters?limit=1").json()
     assert [i["sop_instance_uid"] for i in listed["instances"]] == [process]
     more = api.admin.get(f"/api/v1/admin/dead-letters?limit=1&cursor={listed['next']}").json()
     assert [i["sop_instance_uid"] for i in more["instances"]] == [send]
-    assert more["next"] is None and more["instances"][0]["delivery"] == "failed"
-    assert api.admin.get("/api/v1/admin/summary").json()["dead_letters"] == 2
+    [dead] = more["instances"]
+    assert more["next"] is None and dead["delivery"] == "undelivered"
+    # the result is kept: score, label; the delivery that failed says why
+    assert (dead["status"], dead["label"], dead["probability"]) == (
+        "undelivered", Label.SUSPECTED, 0.9)
+    assert dead["reason"] == "sending failed 10 times (sc): refused"
+    assert [(d["kind"], d["status"], d["attempts"], d["last_error"])
+            for d in dead["deliveries"]] == [("sc", "failed", 10, "refused"),
+                                              ("hl7", "sent", 0, None)]
+    [study] = [r for r in api.reader.get("/api/v1/studies").json()["studies"]
+               if r["study_instance_uid"] == "4.2"]
+    assert study["status"] == "failed"  # an image's processing failed too
+    assert study["deliveries"] == [
+        {"kind": "sc", "status": "failed", "attempts": 10, "last_error": "refused"},
+        {"kind": "hl7", "status": "sent", "attempts": 0, "last_error": None}]
+    summary = api.admin.get("/api/v1/admin/summary").json()
+    assert summary["dead_letters"] == 2 and summary["undelivered"] == 1
+    assert summary["deliveries"]["sc"] == {"failed": 1}
 
     r = api.admin.post(f"/api/v1/instances/{process}/retry")
     assert r.status == 202 and r.json()["retry"] == "process"
@@ -515,10 +550,11 @@ def test_retry_dead_letters(api):
     assert api.admin.post("/api/v1/instances/9.9/retry").status == 404
     rows = {i.sop_instance_uid: i for i in control.instances_of(engine, "4.2")}
     assert (rows[process].status, rows[process].attempts) == (Status.RECEIVED, 0)
-    assert (rows[send].status, rows[send].send_attempts, rows[send].reason) == (
-        Status.SCORED, 0, None)
+    assert (rows[send].status, rows[send].delivery, rows[send].reason) == (
+        Status.SCORED, "waiting", None)
     assert rows[send].result_path == "/r.dcm"  # sent again, not rebuilt
-    assert queue.claim(engine, "send", "w", 60) is not None
+    job = deliveries.claim(engine, "w", 60, ["sc", "hl7"])
+    assert job is not None and (job.kind, job.attempts) == ("sc", 0)
     summary = api.admin.get("/api/v1/admin/summary").json()
     assert summary["dead_letters"] == 0 and summary["images"]["received"] == 1
     assert summary["queue_depth"]["process"] == 1
@@ -713,14 +749,16 @@ def test_api_answers_503_while_starting():
 # -- the summary the list reads ---------------------------------------------------------------
 def _oracle(rows: list[Instance]) -> tuple[str, str, str, float | None]:
     """The study's status, label and population as the first release computed them (in
-    Python), to check the SQL against."""
-    scored_ = [r for r in rows if r.status in (Status.SCORED, Status.SENT, Status.HELD)
-               or (r.status == Status.FAILED and (r.reason or "").startswith("sending"))]
-    if scored_:  # (the first release ignored a result whose delivery failed for good)
+    Python; a result's delivery from its own column since revision 0006), to check the SQL
+    against."""
+    scored_ = [r for r in rows if r.status in (Status.SCORED, Status.SENT, Status.HELD)]
+    if scored_:
         failed = any(r.status == Status.FAILED for r in rows)
         if failed:
             status = "failed"
-        elif any(r.status == Status.SCORED and r.send_attempts > 0 for r in scored_):
+        elif any(r.delivery == "undelivered" for r in scored_):
+            status = "undelivered"
+        elif any(r.delivery == "retrying" for r in scored_):
             status = "retrying"
         elif all(r.status == Status.SENT for r in scored_):
             status = "sent"
@@ -748,14 +786,13 @@ def test_summary_follows_every_change_like_the_first_release(engine):
                              Status.NOT_SCORED, Status.FAILED])
             values: dict[str, Any] = {"status": st, "population": rnd.choice(pops)}
             if st == Status.FAILED:
-                values["reason"] = rnd.choice(["sending failed 10 times: refused",
-                                               "processing failed 10 times: boom"])
-            # a result (a failed delivery has one); sometimes an old one on another row
-            if st in (Status.SCORED, Status.SENT, Status.HELD) or rnd.random() < 0.2 or \
-                    values.get("reason", "").startswith("sending"):
+                values["reason"] = "processing failed 10 times: boom"
+            # a result; sometimes an old one on another row
+            if st in (Status.SCORED, Status.SENT, Status.HELD) or rnd.random() < 0.2:
                 values.update(scored(rnd.random(), rnd.choice(pops), st))
             if st == Status.SCORED:
-                values["send_attempts"] = rnd.choice([0, 0, 2])
+                values["delivery"] = rnd.choice(["waiting", "waiting", "retrying",
+                                                 "undelivered"])
             _add(engine, f"3.{i}", **values)
     # then changes: updates, deletes, a study moved
     with engine.begin() as c:

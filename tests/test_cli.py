@@ -14,7 +14,8 @@ from pydicom import dcmread
 
 
 def test_help_for_every_command(env):
-    for cmd in ("serve", "echo", "worklist", "replay", "score", "db", "train", "evaluate"):
+    for cmd in ("serve", "echo", "worklist", "retry", "replay", "score", "db", "train",
+                "evaluate"):
         assert "usage: cxr-worker" in run(env, cmd, "--help").stdout
 
 
@@ -125,6 +126,16 @@ def test_replay_files_then_study_with_stable_result_uids(env, tmp_path):
 def test_replay_needs_a_selection(env):
     assert "replay needs" in run(env, "replay", rc=2).stderr
     assert "--since" in run(env, "replay", "--since", "yesterday", rc=2).stderr
+
+
+def test_retry_needs_a_selection_and_says_when_nothing_failed(env):
+    assert "one of the arguments" in run(env, "retry", rc=2).stderr
+    assert "no worklist database" in run(env, "retry", "--all-failed", rc=2).stderr
+    run(env, "db", "upgrade")
+    assert "nothing failed" in run(env, "retry", "--all-failed", rc=1).stderr
+    assert "no study 1.2.3" in run(env, "retry", "--study", "1.2.3", rc=1).stderr
+    assert "no image 1.2.4" in run(env, "retry", "--sop", "1.2.4", rc=1).stderr
+    run(env, "worklist", "--status", "undelivered")
 
 
 def test_worklist_empty_and_filters(env):

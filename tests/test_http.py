@@ -10,13 +10,12 @@ import socket
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from conftest import SAMPLES, Orthanc, free_port, postgres_schema, storescu, wait_until
+from conftest import SAMPLES, Orthanc, free_port, storescu, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom import dcmread
 from sqlalchemy import Engine, update
@@ -27,7 +26,7 @@ from cxr_worker.http import HttpServer, Response
 from cxr_worker.metrics import Metrics
 from cxr_worker.service import start_http
 from cxr_worker.settings import load_settings
-from cxr_worker.worklist import queue, schema
+from cxr_worker.worklist import queue
 from cxr_worker.worklist.models import Instance, Label, Status, utcnow
 
 SAMPLE = SAMPLES / "cr_pa_normal_12bit.dcm"
@@ -160,19 +159,9 @@ def test_pacs_echo_is_reported_never_unready(tmp_path):
 
 
 # -- the worklist gauges, SQLite and PostgreSQL ----------------------------------------------
-@pytest.fixture(params=["sqlite", "postgresql"])
-def engine(request, tmp_path) -> Iterator[Engine]:
-    if request.param == "sqlite":
-        eng = queue.make_engine(f"sqlite:///{tmp_path / 'w.db'}")
-        schema.upgrade(eng)
-        yield eng
-        eng.dispose()
-        return
-    with postgres_schema() as url:
-        eng = queue.make_engine(url)
-        schema.upgrade(eng)
-        yield eng
-        eng.dispose()
+@pytest.fixture
+def engine(migrated_engine: Engine) -> Engine:
+    return migrated_engine
 
 
 def _row(engine: Engine, **values: Any) -> str:
@@ -199,14 +188,19 @@ def test_worklist_gauges_bucket_reasons_and_count_the_queue(engine):
         _row(engine, status=Status.NOT_SCORED,
              reason="unreadable file (file kept in quarantine as 1.2.3.9.dcm)"),
         _row(engine, status=Status.NOT_SCORED, reason="something new"),
-        _row(engine, status=Status.FAILED, reason="sending failed 10 times: refused"),
+        _row(engine, status=Status.FAILED, reason="processing failed 10 times: boom"),
         _row(engine, status=Status.SCORED, probability=0.9, label=Label.SUSPECTED,
-             scored_at=now),  # due to send
+             scored_at=now),  # due to send (sc), and an ORU to retry later
+        _row(engine, status=Status.SCORED, probability=0.8, label=Label.SUSPECTED,
+             scored_at=now - dt.timedelta(days=3), reason="sending failed 10 times (sc): x"),
         _row(engine, status=Status.SENT, probability=0.1, label=Label.NEGATIVE, scored_at=now),
         _row(engine, status=Status.SENT, probability=0.2, label=Label.NEGATIVE, scored_at=now),
         _row(engine, status=Status.SENT, probability=0.9, label=Label.SUSPECTED,
              scored_at=now - dt.timedelta(days=3)),  # not recent
     ]
+    _deliver(engine, uids[7], "sc", "pending", now)
+    _deliver(engine, uids[7], "hl7", "retrying", later, last_error="HL7 answered AE")
+    _deliver(engine, uids[8], "sc", "failed", now, last_error="refused")
     m = Metrics()
     m.watch_worklist(engine, pacs_configured=True)
     exposition = m.exposition().decode()
@@ -217,19 +211,34 @@ def test_worklist_gauges_bucket_reasons_and_count_the_queue(engine):
         ("received", ""): 1, ("received", "retrying"): 1, ("held", ""): 0,
         ("not_scored", "view_position"): 1, ("not_scored", "patient_age"): 1,
         ("not_scored", "quarantined"): 1, ("not_scored", "other"): 1,
-        ("failed", "send"): 1, ("scored", ""): 1, ("sent", ""): 3}
+        ("failed", "process"): 1, ("scored", ""): 2, ("sent", ""): 3}
+    assert {(s.labels["kind"], s.labels["status"]): s.value
+            for s in found["cxr_worker_deliveries"]} == {
+        ("sc", "pending"): 1, ("hl7", "retrying"): 1, ("sc", "failed"): 1}
     assert value(found, "cxr_worker_queue_depth", queue="process") == 1
-    assert value(found, "cxr_worker_queue_depth", queue="send") == 1
+    assert value(found, "cxr_worker_queue_depth", queue="send") == 1  # the ORU is not due
     assert value(found, "cxr_worker_positive_rate") == pytest.approx(1 / 3)
     assert value(found, "cxr_worker_recent_scored_images") == 3
     assert value(found, "cxr_worker_worklist_query_ok") == 1
     for uid in [*uids, "1.2.4.5", "ACC77", "lateral", "boom", "refused"]:
         assert uid not in exposition
 
-    m = Metrics()
-    m.watch_worklist(engine, pacs_configured=False)  # scored rows are not waiting to be sent
-    found = samples(text_string_to_metric_families(m.exposition().decode()))
-    assert value(found, "cxr_worker_queue_depth", queue="send") == 0
+
+
+def _deliver(engine: Engine, sop: str, kind: str, status: str, due: dt.datetime,
+             **values: Any) -> None:
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from cxr_worker.worklist.deliveries import refresh_instance
+    from cxr_worker.worklist.models import Delivery
+
+    with Session(engine) as s, s.begin():
+        row_id = s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop))
+        s.add(Delivery(instance_id=row_id, kind=kind, status=status, result_uid="9.9",
+                       attempts=1, next_attempt_at=due, **values))
+        s.flush()
+        refresh_instance(s, row_id)
 
 
 def test_empty_worklist_positive_rate_is_nan(engine):
@@ -267,7 +276,9 @@ def test_running_worker_health_readiness_and_metrics(make_worker, tmp_path):
     assert status == 200
     exposition = body.decode()
     found = samples(text_string_to_metric_families(exposition))
-    assert value(found, "cxr_worker_images", status="scored", reason="retrying") == 1
+    # the image is scored; its Secondary Capture's delivery is retried on its own
+    assert value(found, "cxr_worker_images", status="scored", reason="") == 1
+    assert value(found, "cxr_worker_deliveries", kind="sc", status="retrying") == 1
     assert value(found, "cxr_worker_time_to_flag_seconds_count") == 1
     assert 0 < value(found, "cxr_worker_time_to_flag_seconds_sum") < 60
     for stage in ("decode", "score", "report"):

@@ -67,10 +67,10 @@ def test_stop_does_not_wait_for_a_long_decode_and_the_image_is_scored_at_the_nex
     decoding, finish = threading.Event(), threading.Event()
     real = decode.display_image
 
-    def long_decode(ds: Any) -> Any:
+    def long_decode(ds: Any, **kwargs: Any) -> Any:
         decoding.set()
         finish.wait(30)
-        return real(ds)
+        return real(ds, **kwargs)
 
     monkeypatch.setattr(decode, "display_image", long_decode)
     jobs = Jobs(first, 0.05, 30.0, 3600.0)

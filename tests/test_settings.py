@@ -62,6 +62,23 @@ def test_shutdown_and_sweep_defaults_are_safe():
     assert s.pacs.connect_timeout_seconds == 5.0 and s.pacs.timeout_seconds == 30.0
 
 
+def test_outputs_are_delivered_where_they_have_a_destination():
+    s = load_settings(None, environ={})
+    assert s.outputs.kinds == ["sc"] and s.delivered_kinds == ()  # no PACS: results stay
+    s = load_settings(None, environ={"CXR_WORKER__PACS__AE_TITLE": "PACS"})
+    assert s.delivered_kinds == ("sc",)  # an existing site: unchanged
+    s = load_settings(None, environ={"CXR_WORKER__OUTPUTS__KINDS": "hl7,sr",
+                                     "CXR_WORKER__HL7__HOST": "ris.example.org"})
+    assert s.delivered_kinds == ("hl7",)  # no PACS: no SR
+    from cxr_worker.settings import hl7_config
+
+    cfg = hl7_config(load_settings(None, environ={
+        "CXR_WORKER__HL7__HOST": "ris", "CXR_WORKER__HL7__PRIORITY_SUSPECTED": "A",
+        "CXR_WORKER__HL7__PATIENT_FIELDS": "name,sex"}))
+    assert (cfg.host, cfg.port, cfg.patient_fields) == ("ris", 2575, ("name", "sex"))
+    assert cfg.priorities == {"SUSPECTED PNEUMONIA": "A", "NO PNEUMONIA DETECTED": "R"}
+
+
 def test_file_then_environment(tmp_path):
     cfg = tmp_path / "w.toml"
     cfg.write_text('[listener]\nport = 4000\nallowed_calling_ae_titles = ["CR1"]\n'
@@ -129,6 +146,15 @@ def test_config_path_from_environment(tmp_path):
         ('[jobs]\norphan_grace_seconds = 59\n', {}, "jobs.orphan_grace_seconds"),
         ('[jobs]\nshutdown_grace_seconds = 0\n', {}, "jobs.shutdown_grace_seconds"),
         ("", {"CXR_WORKER__JOBS__SHUTDOWN_GRACE_SECONDS": "61"}, "jobs.shutdown_grace_seconds"),
+        ('[outputs]\nkinds = ["sc", "pdf"]\n', {}, "outputs.kinds"),
+        ('[outputs]\nkinds = []\n', {}, "outputs.kinds"),
+        ("", {"CXR_WORKER__OUTPUTS__KINDS": "sc,sc"}, "outputs.kinds"),
+        ("", {"CXR_WORKER__OUTPUTS__KINDS": "sc,hl7"}, "hl7.host"),
+        ('[hl7]\nport = 0\n', {}, "hl7.port"),
+        ('[hl7]\npatient_fields = ["address"]\n', {}, "hl7.patient_fields"),
+        ("", {"CXR_WORKER__HL7__PRIORITY_FIELDS": "OBR-27,PV1-2"}, "hl7.priority_fields"),
+        ('[hl7]\npriority_suspected = ""\n', {}, "hl7.priority_suspected"),
+        ("", {"CXR_WORKER__HL7__TIMEOUT_SECONDS": "0"}, "hl7.timeout_seconds"),
     ],
 )
 def test_invalid_settings_name_the_key(tmp_path, toml, env, key):

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, inspect, text
 from sqlalchemy.exc import IntegrityError
 
 from cxr_worker.errors import UIDConflictError
-from cxr_worker.worklist import queue, schema, studies
+from cxr_worker.worklist import deliveries, queue, schema, studies
 from cxr_worker.worklist.models import Label, Population, Status
 
 SLOW_RETRY = queue.RetryPolicy(lease_seconds=60, max_attempts=2, base_seconds=30, max_seconds=60)
@@ -250,12 +250,17 @@ def test_retry_backoff_then_dead_letter(engine):
     assert row.status == "failed" and row.label == "FAILED" and row.probability is None
 
 
-def _score(engine, sop, p, label, status="scored", *, population=Population.IN):
+def _score(engine, sop, p, label, status="scored", *, population=Population.IN, outputs=()):
+    """Score ``sop`` (claimed from the queue) with a delivery planned for each of ``outputs``."""
     job = queue.claim(engine, "process", "w", 60)
     assert job is not None and job.sop_instance_uid == sop
+    planned = [deliveries.Planned(k, f"9.{len(k)}.{job.id}", f"/r.{k}") for k in outputs]
     queue.mark_scored(engine, job, "w", probability=p, label=label, threshold=0.5,
                       model_version="m1", result_path="/r", result_sop_instance_uid="1.9",
-                      population=population)
+                      population=population,
+                      deliveries=lambda s: deliveries.apply_plan(
+                          s, job.id, planned, hold=False, label=label, threshold=0.5,
+                          model_version="m1"))
 
 
 def test_triage_order_suspected_first_then_arrival(engine):
@@ -357,22 +362,48 @@ def test_study_with_one_suspected_image_is_suspected(engine):
     assert row.images == 2
 
 
-def test_send_states(engine):
-    (a,) = _add(engine, 1, study="3.1")
-    _score(engine, a, 0.8, Label.SUSPECTED)
-    job = queue.claim(engine, "send", "w", 60)
-    assert job is not None
-    queue.mark_attempt_failed(engine, job, "w", "send", "PACS down",
-                              policy=queue.RetryPolicy(60, 5, 0.01, 0.01))
-    assert studies.triage_list(engine)[0].status == "retrying"
+def test_delivery_states(engine):
+    """Each output is retried on its own; one that fails for good leaves the study with its
+    score, label and place (status undelivered), until a retry sends it."""
     import time
 
+    (a,) = _add(engine, 1, study="3.1")
+    _add(engine, 1, study="3.2")  # pending, arrived later
+    _score(engine, a, 0.8, Label.SUSPECTED, outputs=("sc", "hl7"))
+    row = studies.triage_list(engine)[0]
+    assert (row.study_instance_uid, row.status) == ("3.1", "scored")
+    assert [(d["kind"], d["status"]) for d in row.deliveries] == [("sc", "pending"),
+                                                                    ("hl7", "pending")]
+    policy = queue.RetryPolicy(60, 2, 0.01, 0.01)
+    job = deliveries.claim(engine, "w", 60, ["sc"])
+    assert job is not None and job.kind == "sc"
+    assert deliveries.claim(engine, "w2", 60, ["sc"]) is None  # leased
+    assert deliveries.mark_failed(engine, job, "w", "PACS down", policy=policy) == "retrying"
+    assert studies.triage_list(engine)[0].status == "retrying"
     time.sleep(0.05)
-    job = queue.claim(engine, "send", "w", 60)
-    assert job is not None and job.send_attempts == 1
-    queue.mark_sent(engine, job, "w")
+    job = deliveries.claim(engine, "w", 60, ["sc"])
+    assert job is not None and job.attempts == 1
+    assert deliveries.mark_failed(engine, job, "w", "PACS down again", policy=policy) == "failed"
+    job = deliveries.claim(engine, "w", 60, ["hl7"])
+    assert job is not None and deliveries.mark_sent(engine, job, "w")
+    for rows in (studies.triage_list(engine), studies.triage_list(engine, "suspected"),
+                 studies.triage_list(engine, "undelivered")):
+        row = rows[0]
+        assert (row.study_instance_uid, row.status, row.label, row.band) == (
+            "3.1", "undelivered", Label.SUSPECTED, "suspected")
+        assert row.probability == pytest.approx(0.8)
+    assert row.deliveries == [
+        {"kind": "sc", "status": "failed", "attempts": 2, "last_error": "PACS down again"},
+        {"kind": "hl7", "status": "sent", "attempts": 0, "last_error": None}]
+    assert deliveries.claim(engine, "w", 60, ["sc", "hl7"]) is None  # a dead letter waits
+    assert deliveries.retry_failed(engine) == 1
+    assert studies.triage_list(engine)[0].status == "scored"
+    job = deliveries.claim(engine, "w", 60, ["sc"])
+    assert job is not None and job.attempts == 0
+    deliveries.mark_sent(engine, job, "w")
     row = studies.triage_list(engine)[0]
     assert row.status == "sent" and row.sent_at is not None
+    assert [d["status"] for d in row.deliveries] == ["sent", "sent"]
 
 
 def test_retention_removes_files_of_finished_instances_only(engine, tmp_path):

@@ -33,8 +33,8 @@ from cxr_worker.web.auth import (
     set_session_cookie,
     unauthorized,
 )
-from cxr_worker.worklist import control, studies, tokens
-from cxr_worker.worklist.models import Instance
+from cxr_worker.worklist import control, deliveries, studies, tokens
+from cxr_worker.worklist.models import Delivery, Instance
 from cxr_worker.worklist.tokens import Principal
 
 logger = logging.getLogger(__name__)
@@ -65,20 +65,36 @@ def study_json(row: studies.StudyRow) -> dict[str, Any]:
     return d
 
 
-def instance_json(r: Instance) -> dict[str, Any]:
+def instance_json(r: Instance, outputs: list[Delivery] | None = None) -> dict[str, Any]:
+    """An image with its deliveries: ``deliveries`` the current ones (one per output kind,
+    plus any rejection notes), ``superseded`` those a later decision replaced (with
+    ``superseded_by`` and ``rejected_by``)."""
+    outputs = outputs or []
+    current = [d for d in outputs if d.superseded_at is None]
     return {
         "sop_instance_uid": r.sop_instance_uid,
         "series_instance_uid": r.series_instance_uid,
-        "status": control.instance_status(r.status, r.send_attempts),
-        "delivery": control.delivery(r.status, r.send_attempts, r.reason),
+        "status": control.instance_status(r.status, r.delivery),
+        "delivery": r.delivery if r.status in _WITH_RESULT else None,
         "label": r.label, "probability": r.probability, "threshold": r.threshold,
         "model_version": r.model_version, "population": r.population, "reason": r.reason,
-        "attempts": r.attempts, "send_attempts": r.send_attempts,
+        "attempts": r.attempts,
+        "send_attempts": max((d.attempts for d in current), default=0),
         "received_at": _iso(r.received_at), "scored_at": _iso(r.scored_at),
         "sent_at": _iso(r.sent_at), "result_sop_instance_uid": r.result_sop_instance_uid,
+        "deliveries": [deliveries.as_json(d) for d in current],
+        "superseded": [deliveries.as_json(d) for d in outputs if d.superseded_at is not None],
         "heatmap_available": images.has_heatmap(r.result_path),
         "urls": instance_urls(r.sop_instance_uid),
     }
+
+
+_WITH_RESULT = ("scored", "sent", "held")
+
+
+def instances_json(engine: Any, rows: list[Instance]) -> list[dict[str, Any]]:
+    outputs = deliveries.of_instances(engine, [r.id for r in rows])
+    return [instance_json(r, outputs[r.id]) for r in rows]
 
 
 def _one(request: Request, name: str) -> str | None:
@@ -257,9 +273,10 @@ class Api:
         if not page.rows:
             raise ApiError(404, "no such study in the worklist")
         rows = await self.db(control.instances_of, uid)
+        instances = await self.db(instances_json, rows)
         paused = await self.db(control.sending_paused)
         return JSONResponse({"study": study_json(page.rows[0]),
-                             "instances": [instance_json(r) for r in rows],
+                             "instances": instances,
                              "sending_paused": paused, "version": version, "now": _now()},
                             headers={"ETag": etag})
 
@@ -363,9 +380,11 @@ class Api:
         rows = await self.db(control.dead_letters, limit + 1, after)
         more = len(rows) > limit
         rows = rows[:limit]
+        listed = await self.db(instances_json, rows)
         return JSONResponse({
-            "instances": [{**instance_json(r), "study_instance_uid": r.study_instance_uid,
-                           "accession_number": r.accession_number} for r in rows],
+            "instances": [{**js, "study_instance_uid": r.study_instance_uid,
+                           "accession_number": r.accession_number}
+                          for r, js in zip(rows, listed, strict=True)],
             "next": str(rows[-1].id) if more else None, "limit": limit})
 
     async def events(self, request: Request, who: Principal) -> Response:

@@ -62,14 +62,38 @@ _SIZE = _q("size", {"type": "integer", "minimum": 64, "maximum": 1024, "default"
 _LIMIT = _q("limit", {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
             "rows per page; more are behind 'next', never cut silently")
 
+_DELIVERY_STATUS = {"enum": ["pending", "retrying", "sent", "failed", "held", "cancelled"],
+                    "description": "failed: dead-lettered after jobs.max_attempts (the result "
+                    "is undelivered); cancelled: replaced before it reached its destination"}
+_KIND = {"enum": ["sc", "sr", "kos", "hl7"],
+         "description": "sc Secondary Capture, sr Structured Report, kos rejection note (to "
+         "the PACS); hl7 ORU^R01 (to the RIS)"}
+_STUDY_DELIVERY = {"type": "object", "properties": {
+    "kind": _KIND, "status": _DELIVERY_STATUS, "attempts": {"type": "integer"},
+    "last_error": _NULL_STR}}
+_DELIVERY = {"type": "object", "properties": {
+    "kind": _KIND, "status": _DELIVERY_STATUS, "attempts": {"type": "integer"},
+    "last_error": _NULL_STR,
+    "result_uid": {"type": "string", "description": "SOP Instance UID (hl7: MSH-10)"},
+    "label": _NULL_STR, "threshold": _NULL_NUM, "model_version": _NULL_STR,
+    "sent_at": _NULL_TIME, "superseded_at": _NULL_TIME,
+    "superseded_by": {**_NULL_STR, "description": "the result UID that replaced it"},
+    "rejected_by": {**_NULL_STR, "description": "the rejection note (KOS) that withdrew it"}}}
+
 _STUDY = {
     "type": "object",
     "properties": {
         "study_instance_uid": {"type": "string"}, "accession_number": {"type": "string"},
-        "status": {"enum": ["pending", "scored", "sent", "retrying", "held", "not_scored",
-                            "failed"]},
+        "status": {"enum": ["pending", "scored", "sent", "retrying", "undelivered", "held",
+                            "not_scored", "failed"],
+                   "description": "undelivered: a delivery failed for good (the study keeps "
+                   "its result and place; POST /instances/{sop}/retry sends it again); "
+                   "failed: an image's processing failed"},
         "label": {"enum": ["SUSPECTED PNEUMONIA", "NO PNEUMONIA DETECTED", "NOT SCORED",
                            "PENDING", "FAILED"]},
+        "deliveries": {"type": "array", "items": _STUDY_DELIVERY,
+                       "description": "per output kind, the worst state of the study's "
+                       "images' current deliveries"},
         "probability": _NULL_NUM, "threshold": _NULL_NUM, "model_version": _NULL_STR,
         "population": {"enum": ["in_population", "outside", "unknown"]},
         "reason": _NULL_STR, "images": {"type": "integer"},
@@ -89,14 +113,21 @@ _INSTANCE = {
     "type": "object",
     "properties": {
         "sop_instance_uid": {"type": "string"}, "series_instance_uid": {"type": "string"},
-        "status": {"enum": ["received", "scored", "retrying", "held", "sent", "not_scored",
-                            "failed"]},
-        "delivery": {"enum": ["sent", "retrying", "failed", "held", "waiting", None],
-                     "description": "to the PACS; waiting: built, not sent yet (queued, "
-                     "sending paused, or no PACS)"},
+        "status": {"enum": ["received", "scored", "retrying", "undelivered", "held", "sent",
+                            "not_scored", "failed"]},
+        "delivery": {"enum": ["sent", "retrying", "undelivered", "held", "waiting", None],
+                     "description": "its current deliveries together (the worst): waiting: "
+                     "built, not sent yet (queued, or sending paused); null: none (no "
+                     "result, or no output with a destination)"},
+        "deliveries": {"type": "array", "items": _DELIVERY,
+                       "description": "the current delivery of each output"},
+        "superseded": {"type": "array", "items": _DELIVERY,
+                       "description": "deliveries a later decision replaced"},
         "label": _NULL_STR, "probability": _NULL_NUM, "threshold": _NULL_NUM,
         "model_version": _NULL_STR, "population": {"type": "string"}, "reason": _NULL_STR,
-        "attempts": {"type": "integer"}, "send_attempts": {"type": "integer"},
+        "attempts": {"type": "integer"},
+        "send_attempts": {"type": "integer",
+                          "description": "the most attempts among its current deliveries"},
         "received_at": {"type": "string", "format": "date-time"}, "scored_at": _NULL_TIME,
         "sent_at": _NULL_TIME, "result_sop_instance_uid": _NULL_STR,
         "heatmap_available": {"type": "boolean"},
@@ -211,21 +242,23 @@ def _described() -> dict[str, Any]:
             "The image under its Grad-CAM heatmap (404 when it has none)",
             {"200": _PNG, "400": _ERROR, "404": _ERROR}, params=[_SOP, _SIZE])},
         "/api/v1/instances/{sop}/retry": {"post": _op(
-            "Retry a dead letter (send again, or process again)",
+            "Retry a dead letter: queue its failed deliveries again (send), or process it "
+            "again when its processing failed (process)",
             {"202": _json({"type": "object", "properties": {
                 "retry": {"enum": ["send", "process"]}}}), "404": _ERROR, "409": _ERROR},
             role="admin", params=[_SOP], tag="admin")},
         "/api/v1/sending/pause": {"post": _op(
-            "Pause sending results to the PACS (kept across restarts)",
+            "Pause sending results to the PACS and the RIS (kept across restarts)",
             {"200": _json(_ref("Sending"))}, role="admin", tag="admin")},
         "/api/v1/sending/resume": {"post": _op(
-            "Resume sending results to the PACS", {"200": _json(_ref("Sending"))},
+            "Resume sending results", {"200": _json(_ref("Sending"))},
             role="admin", tag="admin")},
         "/api/v1/admin/summary": {"get": _op(
             "Images per status, queue depth, dead letters, sending, the PACS's last C-ECHO",
             {"200": _json({"type": "object"})}, role="admin", tag="admin")},
         "/api/v1/admin/dead-letters": {"get": _op(
-            "Failed images, oldest first", {"200": _json({"type": "object", "properties": {
+            "Images whose processing failed or with an undelivered result, oldest first",
+            {"200": _json({"type": "object", "properties": {
                 "instances": {"type": "array", "items": _ref("Instance")},
                 "next": _NULL_STR}}), "400": _ERROR},
             role="admin", params=[_LIMIT, _q("cursor", {"type": "string"}, "'next'")],

@@ -3,8 +3,8 @@ retry a dead letter, pause and resume sending; and what the admin page reads.
 
 ``sending_paused(engine)`` is the switch the send path checks before each delivery: a row in
 ``worker_state`` (so it outlives a restart and reaches every process sharing the database).
-While paused, results are still built and listed; they wait as ``scored`` and go out once
-sending resumes.
+While paused, results are still built and listed; their deliveries (to the PACS and the RIS)
+wait as ``pending`` and go out once sending resumes.
 """
 
 from __future__ import annotations
@@ -13,12 +13,19 @@ import datetime as dt
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Engine, case, func, select
+from sqlalchemy import Engine, case, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from cxr_worker.worklist import queue
-from cxr_worker.worklist.models import Instance, Status, StudyRead, WorkerState, utcnow
+from cxr_worker.worklist import deliveries, queue
+from cxr_worker.worklist.models import (
+    DeliveryStatus,
+    Instance,
+    Status,
+    StudyRead,
+    WorkerState,
+    utcnow,
+)
 
 SENDING_PAUSED = "sending_paused"
 
@@ -119,45 +126,41 @@ def replay_study(engine: Engine, study_uid: str) -> int:
 
 
 def retry_dead_letter(engine: Engine, sop_uid: str) -> str | None:
-    """Give a dead letter (status ``failed``) another round: ``send`` when its result was
-    built and only its delivery failed (the result is sent again, not rebuilt), ``process``
-    otherwise (it goes through the pipeline again). None when there is no such image;
-    ``ValueError`` when it is not a dead letter."""
-    now = utcnow()
-    with Session(engine) as s, s.begin():
+    """Give a dead letter another round: ``send`` when its result was built and deliveries of
+    it failed for good (they are queued again, the objects not rebuilt), ``process`` when
+    its processing failed (status ``failed``: it goes through the pipeline again). None when
+    there is no such image; ``ValueError`` when it is neither."""
+    with Session(engine) as s:
         row = s.scalars(select(Instance).where(Instance.sop_instance_uid == sop_uid)
-                        .with_for_update()).one_or_none()
+                        ).one_or_none()
         if row is None:
             return None
-        if row.status != Status.FAILED:
-            raise ValueError(f"image is {row.status}, not a dead letter (failed)")
-        if row.result_path and (row.reason or "").startswith("sending"):
-            row.status, row.reason, row.send_attempts = Status.SCORED, None, 0
-            row.next_attempt_at, row.lease_owner, row.lease_expires_at = now, None, None
-            return "send"
-        row_id = row.id
+        row_id, status = row.id, row.status
+    if deliveries.retry_failed(engine, instance_ids=[row_id]):
+        return "send"
+    if status != Status.FAILED:
+        raise ValueError(f"image is {instance_status(status, None)}: neither its processing "
+                         "nor a delivery of it failed")
     queue.requeue(engine, [row_id])
     return "process"
 
 
+def retry_study(engine: Engine, study_uid: str) -> int:
+    """Queue the failed deliveries of every image of a study again; how many."""
+    with Session(engine) as s:
+        ids = list(s.scalars(select(Instance.id).where(
+            Instance.study_instance_uid == study_uid)))
+    return deliveries.retry_failed(engine, instance_ids=ids) if ids else 0
+
+
 # -- reading for people -----------------------------------------------------------------------
-def delivery(status: str, send_attempts: int, reason: str | None) -> str | None:
-    """An image's delivery to the PACS: sent, retrying, failed, held, waiting (built, not sent:
-    queued, paused, or no PACS), or None (no result)."""
-    if status == Status.SENT:
-        return "sent"
-    if status == Status.HELD:
-        return "held"
-    if status == Status.SCORED:
-        return "retrying" if send_attempts > 0 else "waiting"
-    if status == Status.FAILED and (reason or "").startswith("sending"):
-        return "failed"
-    return None
-
-
-def instance_status(status: str, send_attempts: int) -> str:
-    """As ``replay --json``: ``retrying`` for a built result whose delivery failed so far."""
-    return "retrying" if status == Status.SCORED and send_attempts > 0 else str(status)
+def instance_status(status: str, delivery: str | None) -> str:
+    """An image's status as people read it (the API, ``replay --json``): a built result whose
+    delivery failed so far is ``retrying``, one that failed for good ``undelivered`` (it keeps
+    its score and label)."""
+    if status == Status.SCORED and delivery in (deliveries.RETRYING, deliveries.UNDELIVERED):
+        return str(delivery)
+    return str(status)
 
 
 def instances_of(engine: Engine, study_uid: str) -> list[Instance]:
@@ -173,8 +176,10 @@ def instance(engine: Engine, sop_uid: str) -> Instance | None:
 
 
 def dead_letters(engine: Engine, limit: int, after_id: int | None = None) -> list[Instance]:
-    """Failed images, oldest first (``id`` is the keyset)."""
-    q = select(Instance).where(Instance.status == Status.FAILED)
+    """Images whose processing failed, or with a result left undelivered, oldest first
+    (``id`` is the keyset)."""
+    q = select(Instance).where(or_(Instance.status == Status.FAILED,
+                                   Instance.delivery == deliveries.UNDELIVERED))
     if after_id is not None:
         q = q.where(Instance.id > after_id)
     with Session(engine, expire_on_commit=False) as s:
@@ -182,25 +187,34 @@ def dead_letters(engine: Engine, limit: int, after_id: int | None = None) -> lis
 
 
 def queue_summary(engine: Engine, pacs_configured: bool) -> dict[str, Any]:
-    """Images per status (``retrying``: waiting for a retry after a failed attempt), the queue
-    depth (rows due to process / to send now) and the dead letters; one GROUP BY."""
+    """Images per status (``retrying``: waiting for a retry after a failed attempt, processing
+    or delivery), the queue depth (images due to process, deliveries due to send now), the
+    deliveries per kind and status, and the dead letters (images whose processing failed or
+    with an undelivered result); one GROUP BY each."""
     now = utcnow()
     due = case((Instance.next_attempt_at <= now, 1), else_=0)
     retrying = case((Instance.reason.startswith("retrying", autoescape=True), 1), else_=0)
-    q = (select(Instance.status, func.count(), func.sum(due), func.sum(retrying))
-         .group_by(Instance.status))
+    undelivered = case((Instance.delivery == deliveries.UNDELIVERED, 1), else_=0)
+    q = (select(Instance.status, func.count(), func.sum(due), func.sum(retrying),
+                func.sum(undelivered)).group_by(Instance.status))
     with Session(engine) as s:
         rows = s.execute(q).all()
     images = {str(st): 0 for st in Status}
     depth = {"process": 0, "send": 0}
-    n_retrying = 0
-    for status, n, n_due, n_retry in rows:
+    n_retrying = n_undelivered = 0
+    for status, n, n_due, n_retry, n_undelivered_ in rows:
         images[str(status)] = int(n)
         n_retrying += int(n_retry or 0)
+        n_undelivered += int(n_undelivered_ or 0)
         if status == Status.RECEIVED:
             depth["process"] = int(n_due or 0)
-        elif status == Status.SCORED and pacs_configured:
-            depth["send"] = int(n_due or 0)
+    by_kind: dict[str, dict[str, int]] = {}
+    for kind, status, is_due, n in deliveries.counts(engine):
+        by_kind.setdefault(kind, {})[status] = by_kind.get(kind, {}).get(status, 0) + n
+        if is_due and status in deliveries.OPEN:
+            depth["send"] += n
+    n_retrying += sum(v.get(DeliveryStatus.RETRYING, 0) for v in by_kind.values())
     return {"images": images, "retrying": n_retrying, "queue_depth": depth,
-            "dead_letters": images[str(Status.FAILED)]}
+            "deliveries": by_kind, "undelivered": n_undelivered,
+            "dead_letters": images[str(Status.FAILED)] + n_undelivered}
 

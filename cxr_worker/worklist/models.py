@@ -12,7 +12,8 @@ from sqlalchemy.types import TypeDecorator
 
 from cxr_worker.labels import Label, Population
 
-__all__ = ["Base", "Instance", "Label", "Population", "Status", "utcnow"]
+__all__ = ["Base", "Delivery", "DeliveryStatus", "Instance", "Label", "Population", "Status",
+           "utcnow"]
 
 UID = String(64)
 
@@ -43,12 +44,15 @@ class Base(DeclarativeBase):
 class Status(enum.StrEnum):
     """Where an instance stands. Transitions::
 
-        received --process--> scored --send--> sent
+        received --process--> scored --deliveries sent--> sent
             |                   |  \\--no PACS configured: stays scored (result on disk)
             |                   \\--replay --no-send: held (result on disk, never sent)
-            |                   \\--send failed max_attempts times--> failed
             +--gate/decode refused--> not_scored (terminal, reason recorded)
             +--processing error max_attempts times--> failed (dead letter, reason recorded)
+
+    ``scored -> sent`` once every current delivery (``deliveries``, migration 0006) is sent;
+    a delivery that fails max_attempts times leaves the instance ``scored`` with its score
+    and label, its ``delivery`` column ``undelivered``.
     """
 
     RECEIVED = "received"
@@ -100,6 +104,11 @@ class Instance(Base):
         String(16), default=Population.IN, server_default=Population.IN.value)
     result_sop_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
     result_path: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # the state of its current deliveries (``deliveries``), kept by the application in the
+    # transaction that changes them (cxr_worker.worklist.deliveries.refresh_instance), so the
+    # triage list's triggers see it: waiting | retrying | sent | undelivered | held, or null
+    # (no delivery: no output has a destination, or no result) (migration 0006)
+    delivery: Mapped[str | None] = mapped_column(String(16), nullable=True)
 
     received_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
     scored_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
@@ -108,6 +117,65 @@ class Instance(Base):
     __table_args__ = (
         Index("ix_instances_status_next", "status", "next_attempt_at"),
         Index("ix_instances_received_at", "received_at"),  # replay --since (migration 0005)
+    )
+
+
+class DeliveryStatus(enum.StrEnum):
+    r"""Where one delivery (one result object to one destination) stands::
+
+        pending --sent--> sent
+           \--attempt failed--> retrying --...--> failed (dead letter: "undelivered")
+        held: built by ``replay --no-send``, never sent until replayed
+        cancelled: replaced by another result before any attempt reached its destination
+    """
+
+    PENDING = "pending"
+    RETRYING = "retrying"
+    SENT = "sent"
+    FAILED = "failed"
+    HELD = "held"
+    CANCELLED = "cancelled"
+
+
+class Delivery(Base):
+    """One result object of one instance for one destination (migration 0006): the Secondary
+    Capture (``sc``), the Structured Report (``sr``), a rejection note (``kos``: a Key Object
+    Selection that withdraws earlier results) to the PACS, or the ORU (``hl7``) to the RIS.
+
+    Each is claimed, sent, retried and dead-lettered on its own. ``result_uid`` is the
+    object's SOP Instance UID (MSH-10 for ``hl7``); it depends on the decision, so a replay
+    that changes the decision makes a new row, and the row it replaces gets ``superseded_at``
+    and ``superseded_by`` (the new UID): the worklist keeps both. Current rows are those not
+    superseded."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    instance_id: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(8))  # sc | sr | kos | hl7
+    status: Mapped[str] = mapped_column(String(16), default=DeliveryStatus.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    next_attempt_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    result_uid: Mapped[str] = mapped_column(UID)
+    sop_class_uid: Mapped[str | None] = mapped_column(UID, nullable=True)  # DICOM kinds
+    series_instance_uid: Mapped[str | None] = mapped_column(UID, nullable=True)
+    path: Mapped[str | None] = mapped_column(Text, nullable=True)  # cleared by retention
+    # the decision it carries (a kos: the decision that replaced the rejected results)
+    label: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    model_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    superseded_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    superseded_by: Mapped[str | None] = mapped_column(UID, nullable=True)
+    rejected_by: Mapped[str | None] = mapped_column(UID, nullable=True)  # the kos's UID
+
+    __table_args__ = (
+        Index("ix_deliveries_instance", "instance_id", "kind"),
+        Index("ix_deliveries_due", "status", "next_attempt_at"),
     )
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
@@ -25,7 +25,9 @@ from cxr_worker.worklist.models import Instance, Population, Status, utcnow
 
 logger = logging.getLogger(__name__)
 
-Kind = Literal["process", "send"]
+# the one queue of instances; results are delivered through their deliveries
+# (cxr_worker.worklist.deliveries, migration 0006)
+Kind = Literal["process"]
 
 
 def make_engine(url: str) -> Engine:
@@ -168,7 +170,9 @@ def _reset(row: Instance, now: dt.datetime) -> None:
 def claim(engine: Engine, kind: Kind, owner: str, lease_seconds: float,
           only_ids: Collection[int] | None = None) -> Job | None:
     """Lease the next due job of ``kind`` (oldest first, among ``only_ids`` if given)."""
-    status = Status.RECEIVED if kind == "process" else Status.SCORED
+    if kind != "process":
+        raise ValueError(f"no {kind!r} queue: results go out through their deliveries")
+    status = Status.RECEIVED
     now = utcnow()
     with Session(engine) as s, s.begin():
         candidates = (
@@ -202,8 +206,10 @@ def claim(engine: Engine, kind: Kind, owner: str, lease_seconds: float,
     return None
 
 
-def _finish(engine: Engine, job: Job, owner: str, **values: Any) -> bool:
-    """Apply ``values`` and drop the lease, only if we still hold it."""
+def _finish(engine: Engine, job: Job, owner: str, *,
+            also: Callable[[Session], None] | None = None, **values: Any) -> bool:
+    """Apply ``values`` and drop the lease, only if we still hold it; then ``also`` in the
+    same transaction (the result's deliveries)."""
     with Session(engine) as s, s.begin():
         res = s.execute(
             update(Instance)
@@ -212,23 +218,26 @@ def _finish(engine: Engine, job: Job, owner: str, **values: Any) -> bool:
             .values(lease_owner=None, lease_expires_at=None, **values)
         )
         done = bool(res.rowcount == 1)  # type: ignore[attr-defined]
+        if done and also is not None:
+            also(s)
     if not done:
         logger.warning("lost the lease on %s; the job was re-queued or taken over",
                        job.sop_instance_uid)
     return done
 
 
-def mark_scored(engine: Engine, job: Job, owner: str, hold: bool = False, **result: Any) -> bool:
-    return _finish(engine, job, owner, status=Status.HELD if hold else Status.SCORED, reason=None,
-                   scored_at=utcnow(), next_attempt_at=utcnow(), send_attempts=0, **result)
+def mark_scored(engine: Engine, job: Job, owner: str, hold: bool = False,
+                deliveries: Callable[[Session], None] | None = None, **result: Any) -> bool:
+    """The result is built: ``scored`` (``held`` with ``hold``), and ``deliveries`` (the plan,
+    :func:`cxr_worker.worklist.deliveries.apply_plan`) recorded in the same transaction."""
+    return _finish(engine, job, owner, also=deliveries,
+                   status=Status.HELD if hold else Status.SCORED, reason=None,
+                   scored_at=utcnow(), next_attempt_at=utcnow(), send_attempts=0,
+                   sent_at=None, **result)
 
 
 def mark_not_scored(engine: Engine, job: Job, owner: str, reason: str, **extra: Any) -> bool:
     return _finish(engine, job, owner, status=Status.NOT_SCORED, reason=reason, **extra)
-
-
-def mark_sent(engine: Engine, job: Job, owner: str) -> bool:
-    return _finish(engine, job, owner, status=Status.SENT, reason=None, sent_at=utcnow())
 
 
 def mark_attempt_failed(
@@ -240,22 +249,21 @@ def mark_attempt_failed(
     *,
     policy: RetryPolicy,
 ) -> str:
-    """Count a failed attempt: retry later with exponential backoff, or dead-letter it.
+    """Count a failed processing attempt: retry later with exponential backoff, or
+    dead-letter it (a delivery's attempts: :func:`.deliveries.mark_failed`).
 
-    Returns the new status (``received``/``scored`` when it will be retried, ``failed``).
+    Returns the new status (``received`` when it will be retried, ``failed``).
     """
-    attempts = (job.attempts if kind == "process" else job.send_attempts) + 1
-    counter = "attempts" if kind == "process" else "send_attempts"
+    attempts = job.attempts + 1
     if attempts >= policy.max_attempts:
         status = Status.FAILED
-        reason = f"{'processing' if kind == 'process' else 'sending'} failed {attempts} times: " \
-                 f"{error}"
+        reason = f"processing failed {attempts} times: {error}"
         delay = 0.0
     else:
         status = Status(job.status)
         reason = f"retrying ({attempts}/{policy.max_attempts}): {error}"
         delay = min(policy.base_seconds * 2 ** (attempts - 1), policy.max_seconds)
-    _finish(engine, job, owner, status=status, reason=reason, **{counter: attempts},
+    _finish(engine, job, owner, status=status, reason=reason, attempts=attempts,
             next_attempt_at=utcnow() + dt.timedelta(seconds=delay))
     return str(status)
 
