@@ -37,8 +37,10 @@ earlier). A deflated data set is inflated piece by piece and only its header kep
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import logging
+import re
 import threading
 import zlib
 from collections.abc import Callable
@@ -307,6 +309,43 @@ def _uid_lock(sop_uid: str) -> threading.Lock:
     return _UID_LOCKS[zlib.crc32(sop_uid.encode("ascii", "replace")) % len(_UID_LOCKS)]
 
 
+_DA = re.compile(r"(\d{4})(\d{2})(\d{2})")
+_TM = re.compile(r"(\d{2})(\d{2})?(\d{2})?(?:\.\d{1,6})?")
+
+
+def _raw_text(ds: Dataset, keyword: str) -> str:
+    """An element's text as received, without pydicom converting it (an invalid DA or TM
+    would warn, from every association thread, and the warning would quote the value)."""
+    elem = ds.get_item(keyword)
+    value = elem.value if elem is not None else None
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    return str(value or "").strip(" \x00")
+
+
+def study_datetime(ds: Dataset) -> str | None:
+    """Study Date + Study Time as ``YYYY-MM-DDTHH:MM:SS`` (the modality's local time, no
+    zone), or None when the Study Date is absent or not a real date. A Study Time that is
+    absent or invalid counts as midnight; ``HH`` and ``HHMM`` (PS3.5 TM) are completed
+    with zeros. Only digits leave this function: the values came from the sender."""
+    date = _DA.fullmatch(_raw_text(ds, "StudyDate"))
+    if date is None:
+        return None
+    try:
+        day = dt.date(int(date[1]), int(date[2]), int(date[3]))
+    except ValueError:
+        return None
+    tm = _TM.fullmatch(_raw_text(ds, "StudyTime"))
+    hms = (0, 0, 0)
+    if tm is not None:
+        h, m, sec = (int(x) if x else 0 for x in tm.groups())
+        if h < 24 and m < 60 and sec < 60:  # 60: a leap second, shown as :59
+            hms = (h, m, sec)
+        elif h < 24 and m < 60 and sec == 60:
+            hms = (h, m, 59)
+    return dt.datetime.combine(day, dt.time(*hms)).isoformat()
+
+
 def invalid_uids(ds: Dataset) -> list[str]:
     """The UID attributes of ``ds`` that are missing or not valid UIDs (keywords only: the
     values came from the peer and may be anything)."""
@@ -341,6 +380,7 @@ def handle_store(event: Any, engine: Engine, spool: Spool, on_stored: Callable[[
         study_uid = str(ds.StudyInstanceUID)
         series_uid = str(ds.SeriesInstanceUID)
         accession = str(ds.get("AccessionNumber", "") or "")[:16]
+        study_when = study_datetime(ds)
         key = queue.patient_key(sop_uid, str(ds.get("PatientID", "") or ""))
     except LimitExceededError as exc:  # a deflated data set inflating past the limit
         logger.warning("C-STORE from %s refused (0x%04X): %s", _peer(event),
@@ -363,6 +403,7 @@ def handle_store(event: Any, engine: Engine, spool: Spool, on_stored: Callable[[
         "transfer_syntax_uid": str(event.file_meta.TransferSyntaxUID),
         "spool_path": str(path),
         "patient_key": key,
+        "study_datetime": study_when,
     }
     status = _spool_and_record(event, engine, path, values)
     if status == STATUS_SUCCESS:
@@ -370,8 +411,9 @@ def handle_store(event: Any, engine: Engine, spool: Spool, on_stored: Callable[[
     return status
 
 
-def _spool_and_record(event: Any, engine: Engine, path: Path, values: dict[str, str]) -> int:
-    sop_uid = values["sop_instance_uid"]
+def _spool_and_record(event: Any, engine: Engine, path: Path,
+                      values: dict[str, str | None]) -> int:
+    sop_uid = str(values["sop_instance_uid"])
     try:
         with _uid_lock(sop_uid):
             queue.check_conflict(engine, **values)  # before the file held is replaced

@@ -423,14 +423,22 @@ def postgres_schema(prefix: str = "cxr_test") -> Iterator[str]:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def migrated_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    """A migrated worklist, once on SQLite and once on a throwaway PostgreSQL schema."""
-    from cxr_worker.worklist import queue, schema
+def blank_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
+    """An empty database: a new SQLite file, or a throwaway PostgreSQL schema."""
+    from cxr_worker.worklist import queue
 
     with contextlib.ExitStack() as stack:
         url = (f"sqlite:///{tmp_path / 'w.db'}" if request.param == "sqlite"
                else stack.enter_context(postgres_schema()))
         eng = queue.make_engine(url)
-        schema.upgrade(eng)
         yield eng
         eng.dispose()
+
+
+@pytest.fixture
+def migrated_engine(blank_engine: Any) -> Any:
+    """A migrated worklist, once on SQLite and once on PostgreSQL."""
+    from cxr_worker.worklist import schema
+
+    schema.upgrade(blank_engine)
+    return blank_engine

@@ -925,6 +925,10 @@ def test_running_worker_lists_a_stored_study(make_worker):
     assert study["label"] in (Label.SUSPECTED, Label.NEGATIVE)
     assert study["band"] in ("suspected", "routine")
     assert study["key_sop_instance_uid"] == ds.SOPInstanceUID
+    # the modality's Study Date + Time, as written (no zone)
+    assert study["study_datetime"] == (f"{ds.StudyDate[:4]}-{ds.StudyDate[4:6]}-"
+                                       f"{ds.StudyDate[6:]}T{ds.StudyTime[:2]}:"
+                                       f"{ds.StudyTime[2:4]}:{ds.StudyTime[4:6]}")
     thumb = _png(reader.get(study["urls"]["thumbnail"]))
     assert max(thumb.size) == 256
     detail = reader.get(study["urls"]["self"]).json()

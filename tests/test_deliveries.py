@@ -277,17 +277,3 @@ def test_rows_from_revision_0005_become_deliveries_and_back(blank_engine):
     schema.upgrade(engine)
     assert schema.current_revision(engine) == schema.head_revision()
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def blank_engine(request, tmp_path):
-    from conftest import postgres_schema
-
-    if request.param == "sqlite":
-        eng = queue.make_engine(f"sqlite:///{tmp_path / 'w.db'}")
-        yield eng
-        eng.dispose()
-        return
-    with postgres_schema() as url:
-        eng = queue.make_engine(url)
-        yield eng
-        eng.dispose()

@@ -330,8 +330,10 @@ def keyboard_opens_a_study(ui: Page, st: Studies) -> None:
     expect(facts).to_contain_text(st.by_acc[st.normal]["model_version"])
     expect(facts.locator(".fact", has_text="Threshold")).to_contain_text(
         f"{st.by_acc[st.normal]['threshold']:.2f}")
-    for term in ("Received", "Scored", "Sent"):
+    for term in ("Study time", "Received", "Scored", "Sent"):
         expect(facts.locator("dt", has_text=re.compile(f"^{term}$"))).to_have_count(1)
+    # the modality's Study Date + Time, as written in the sample (no zone conversion)
+    expect(facts.locator(".fact", has_text="Study time")).to_contain_text("2026-01-01 12:00")
     picture = dialog.locator("figure img.radiograph")
     expect(picture).to_have_attribute("src", re.compile(r"/heatmap\.png\?size=\d+$"))
     wait_until(lambda: picture.evaluate("i => i.complete && i.naturalWidth > 0"), 15,

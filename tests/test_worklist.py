@@ -6,11 +6,9 @@ import datetime as dt
 import json
 import threading
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import postgres_schema
 from sqlalchemy import Engine, inspect, text
 from sqlalchemy.exc import IntegrityError
 
@@ -19,20 +17,6 @@ from cxr_worker.worklist import deliveries, queue, schema, studies
 from cxr_worker.worklist.models import Label, Population, Status
 
 SLOW_RETRY = queue.RetryPolicy(lease_seconds=60, max_attempts=2, base_seconds=30, max_seconds=60)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def blank_engine(request, tmp_path) -> Iterator[Engine]:
-    """An empty database: a new SQLite file, or a throwaway PostgreSQL schema."""
-    if request.param == "sqlite":
-        eng = queue.make_engine(f"sqlite:///{tmp_path / 'w.db'}")
-        yield eng
-        eng.dispose()
-        return
-    with postgres_schema() as url:
-        eng = queue.make_engine(url)
-        yield eng
-        eng.dispose()
 
 
 @pytest.fixture
@@ -439,3 +423,41 @@ def test_retention_removes_files_of_finished_instances_only(engine, tmp_path):
     # without a PACS, a scored result is finished
     assert apply_retention(engine, 30, pacs_configured=False) == 1
     assert not Path(old_scored[0]).exists()
+
+
+# -- the study's date and time (receive.study_datetime) ----------------------------------------
+@pytest.mark.parametrize(("date", "time", "expected"), [
+    ("20260101", "120000", "2026-01-01T12:00:00"),
+    ("20260101", "1200", "2026-01-01T12:00:00"),  # TM may stop after the minutes or the hour
+    ("20260101", "07", "2026-01-01T07:00:00"),
+    ("20260101", "235960.123456", "2026-01-01T23:59:59"),  # a leap second
+    ("20260101", "", "2026-01-01T00:00:00"),
+    ("20260101", "25:00", "2026-01-01T00:00:00"),  # an invalid time: the date alone
+    ("20260230", "120000", None),  # not a date
+    ("2026-01-01", "120000", None),  # ACR-NEMA style: not DA
+    ("", "120000", None),
+    ("20260101\x1b[2J", "120000", None),  # sender text never passes
+])
+def test_study_datetime_takes_valid_values_only(date, time, expected):
+    from pydicom.dataelem import RawDataElement
+    from pydicom.dataset import Dataset
+    from pydicom.tag import Tag
+
+    from cxr_worker.receive import study_datetime
+
+    ds = Dataset()  # as received: raw values, which pydicom has not checked
+    for keyword, vr, value in (("StudyDate", "DA", date), ("StudyTime", "TM", time)):
+        if value:
+            raw = value.encode("latin-1") + b" " * (len(value) % 2)
+            ds[Tag(keyword)] = RawDataElement(Tag(keyword), vr, len(raw), raw, 0, False, True)
+    assert study_datetime(ds) == expected
+
+
+def test_list_shows_the_earliest_study_datetime_of_its_images(engine):
+    _add(engine, 1, study="1.2.7", study_datetime="2026-01-01T12:05:00")
+    _add(engine, 1, study="1.2.7", study_datetime="2026-01-01T12:00:00")
+    _add(engine, 1, study="1.2.8")
+    rows = {r.study_instance_uid: r for r in studies.triage_list(engine, limit=None)}
+    assert rows["1.2.7"].study_datetime == "2026-01-01T12:00:00"
+    assert rows["1.2.8"].study_datetime is None
+    assert rows["1.2.7"].as_json()["study_datetime"] == "2026-01-01T12:00:00"

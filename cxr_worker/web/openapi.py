@@ -99,6 +99,10 @@ _STUDY = {
         "reason": _NULL_STR, "images": {"type": "integer"},
         "received_at": {"type": "string", "format": "date-time",
                         "description": "the study's first image (waiting since)"},
+        "study_datetime": {**_NULL_STR,
+                           "description": "Study Date + Study Time as the modality wrote "
+                           "them: its local time, ISO 8601 without a zone (not converted); "
+                           "null when no image had a usable Study Date"},
         "scored_at": _NULL_TIME, "sent_at": _NULL_TIME, "band": {"enum": list(BANDS)},
         "read_by": _NULL_STR, "read_at": _NULL_TIME,
         "key_sop_instance_uid": {**_NULL_STR,

@@ -83,6 +83,9 @@ class Instance(Base):
     # ID: a re-sent SOP Instance UID of another patient is refused (migration 0004); null on
     # rows received before it
     patient_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Study Date + Study Time as the modality wrote them, ISO text without a zone (its local
+    # time; migration 0007); null without a usable Study Date
+    study_datetime: Mapped[str | None] = mapped_column(String(19), nullable=True)
 
     status: Mapped[str] = mapped_column(String(16), default=Status.RECEIVED)
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)

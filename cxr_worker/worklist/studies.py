@@ -64,6 +64,7 @@ from sqlalchemy import (
     String,
     Text,
     case,
+    func,
     literal,
     select,
     tuple_,
@@ -91,6 +92,9 @@ class StudyRow:
     received_at: dt.datetime  # the study's first image
     scored_at: dt.datetime | None
     sent_at: dt.datetime | None  # when every result was delivered (status "sent")
+    # Study Date + Time as the modality wrote them (its local time, no zone; receive.study_
+    # datetime), the earliest of the study's images; None when none had a usable Study Date
+    study_datetime: str | None = None
     band: str = ""  # suspected | outside | routine | not_scored | pending | failed
     read_by: str | None = None  # the token name that marked it read (if still read)
     read_at: dt.datetime | None = None
@@ -238,7 +242,9 @@ def list_query(filters: Filters = Filters(), limit: int | None = 50,
                            Instance.probability.desc().nulls_last(), Instance.received_at,
                            Instance.id)
                  .limit(1).scalar_subquery())
-    return select(page, reasons.label("reason"), key_image.label("key_sop_instance_uid")
+    study_when = select(func.min(Instance.study_datetime)).where(of_study).scalar_subquery()
+    return select(page, reasons.label("reason"), key_image.label("key_sop_instance_uid"),
+                  study_when.label("study_datetime")
                   ).order_by(
         page.c.band_rank, page.c.probability_key, page.c.received_at,
         page.c.study_instance_uid)
@@ -253,7 +259,8 @@ def _row(m: Any) -> StudyRow:
         probability=m["probability"], threshold=m["threshold"],
         model_version=m["model_version"],
         population=str(_POPULATIONS[int(m["population_rank"])]), reason=m["reason"] or None,
-        images=int(m["images"]), received_at=m["received_at"], scored_at=m["scored_at"],
+        images=int(m["images"]), received_at=m["received_at"],
+        study_datetime=m["study_datetime"], scored_at=m["scored_at"],
         sent_at=m["sent_at"], band=str(m["band"]),
         key_sop_instance_uid=m["key_sop_instance_uid"],
         read_by=m["read_by"] if m["is_read"] else None,

@@ -297,8 +297,10 @@ def test_results_reach_a_tls_pacs_and_a_wrong_ca_is_retried_not_lost(
     (row,) = wait_until(lambda: (r := worker.worklist()) and r[0]["status"] == "retrying" and r,
                         60, "the result retrying while the PACS's certificate is not trusted")
     where = f"{tls_orthanc.aet}@127.0.0.1:{tls_orthanc.dicom_port}"
+    [sc] = [d for d in row["deliveries"] if d["kind"] == "sc"]
+    assert sc["status"] == "retrying" and sc["attempts"] >= 1, row
     assert f"association with {where} failed: TLS: the peer's certificate is not accepted (" \
-        in row["reason"], row
+        in sc["last_error"], row
     log = wait_until(lambda: (t := worker.text()) and f"association with {where} failed: TLS: "
                      "the peer's certificate is not accepted" in t and t, 30,
                      "the reason in the log")

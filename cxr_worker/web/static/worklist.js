@@ -498,6 +498,23 @@ function probabilityCell(p, threshold) {
     bar);
 }
 
+// Study Date + Time as the modality wrote them (its local time: shown as written, never
+// converted); without one, the time the worker received the study, marked as such
+function studyTimeEl(row, long = false) {
+  const st = row.study_datetime;
+  if (!st) {
+    const el = timeEl(row.received_at, long);
+    el.title = "no Study Date in the images: the time received";
+    el.classList.add("muted");
+    return el;
+  }
+  const [d, t] = st.split("T");
+  const now = new Date();
+  const today = `${now.getFullYear()}-${pad(now.getMonth() + 1)}-${pad(now.getDate())}`;
+  const text = long || d !== today ? `${d} ${t.slice(0, 5)}` : t.slice(0, 5);
+  return h("time", { datetime: st, title: `study ${d} ${t} (the modality's local time)` }, text);
+}
+
 function accessionText(row) {
   return row.accession_number || "(no accession)";
 }
@@ -542,7 +559,7 @@ function buildRow(row) {
   h("td", { class: "acc" },
     h("button", { type: "button", class: "link open", onclick: () => openStudy(uid) }, acc),
     h("span", { class: "images muted" }, row.images === 1 ? "1 image" : `${row.images} images`)),
-  h("td", { class: "when" }, timeEl(row.received_at)),
+  h("td", { class: "when" }, studyTimeEl(row)),
   h("td", { class: "waiting", dataset: { since: row.received_at } }, formatWaiting(row.received_at)),
   result,
   probabilityCell(row.probability, row.threshold),
@@ -766,6 +783,7 @@ function renderStudy(body) {
   fact(facts, "Delivery", deliveryOf(s)[0]);
   for (const d of s.deliveries || []) fact(facts, (KIND[d.kind] || [0, d.kind])[1], deliveryText(d).replace(/^[^:]*: /, ""));
   fact(facts, "Images", String(s.images));
+  fact(facts, "Study time", studyTimeEl(s, true));
   fact(facts, "Received", timeEl(s.received_at, true));
   fact(facts, "Scored", timeEl(s.scored_at, true));
   fact(facts, "Sent", timeEl(s.sent_at, true));
