@@ -172,10 +172,15 @@ def statement() -> str:
         "## 3. As SCU: sending results to the PACS",
         "",
         "Only when `pacs.ae_title` is set (default: none; results then stay in the worklist). "
-        f"The worker calls as `listener.ae_title` (`{d.listener.ae_title}`) and opens one "
-        "association per operation, proposing only the SOP class of the object it stores "
-        f"(which objects: `outputs.kinds`, default `{', '.join(d.outputs.kinds)}`; see "
-        "section 4). Each object is delivered and retried on its own.",
+        f"The worker calls as `listener.ae_title` (`{d.listener.ae_title}`) and sends its "
+        "results over one association kept open between C-STOREs, proposing the storage SOP "
+        f"classes below (which objects are sent: `outputs.kinds`, default "
+        f"`{', '.join(d.outputs.kinds)}`; see section 4); it is released after "
+        f"`pacs.idle_release_seconds` ({d.pacs.idle_release_seconds:g} s) without a C-STORE "
+        "and at shutdown, and a new one is opened when the PACS has ended it "
+        "(`pacs.idle_release_seconds = 0`: one association per object). C-ECHO opens an "
+        "association of its own. TCP_NODELAY is set on every connection. Each object is "
+        "delivered and retried on its own.",
         "",
         *_table(("operation", "SOP class", "UID", "role", "transfer syntaxes proposed"), [
             *((op, _name(sop), f"`{sop}`", "SCU", ", ".join(_name(ts) for ts in syntaxes))

@@ -274,6 +274,8 @@ class Jobs:
                 min(send_grace, deadline - time.monotonic())):
             aborted = self.pipeline.abort_sends()
             logger.info("shutdown: aborted %d association(s) of the send in progress", aborted)
+        # the association kept open to the PACS: released (aborted if it does not answer)
+        self.pipeline.close_sends(min(1.0, max(deadline - time.monotonic(), 0.0)))
         ended = [loop.join(deadline - time.monotonic()) for loop in self.loops]
         for loop, done in zip(self.loops, ended, strict=True):
             if not done:

@@ -284,6 +284,9 @@ class BoundedRequestHandler(RequestHandler):
 
     def handle(self) -> None:
         conn = self.server.pending(self.request)
+        # C-STORE responses leave at once, not after the modality's delayed ACK
+        with contextlib.suppress(OSError):
+            self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         assoc = self._create_association()
         sock = assoc.dul.socket
         sock.__class__ = BoundedSocket

@@ -162,6 +162,8 @@ class Pipeline:
         self.stopping = threading.Event()  # set at shutdown: finish the current job only
         # the outbound associations of this pipeline's sends, aborted at shutdown
         self.outbound = send.Outbound()
+        # the results go over one association kept open (pacs.idle_release_seconds)
+        self.sender = send.Sender(pacs, self.outbound) if pacs is not None else None
         # called after each result that is to be sent is scored (the service wakes its
         # sender); from the scoring thread, so it must not block
         self.on_scored: Callable[[], None] = _nothing
@@ -396,7 +398,7 @@ class Pipeline:
             # bytes: read_text's universal newlines would turn the segments' CR into LF
             hl7v2.send(self.outputs.hl7, Path(job.path).read_bytes().decode("utf-8"))
             return
-        if self.pacs is None:
+        if self.pacs is None or self.sender is None:
             raise SendError("no PACS configured (pacs.ae_title)")
         ds = dcmread(job.path)
         if str(ds.SOPInstanceUID) != job.result_uid:
@@ -404,12 +406,18 @@ class Pipeline:
             # has deliveries of its own
             raise SendError(f"the result file now holds {ds.SOPInstanceUID}, not "
                             f"{job.result_uid} (rebuilt by a later processing)")
-        send.store(self.pacs, ds, self.outbound)
+        self.sender.store(ds)
 
     def abort_sends(self) -> int:
         """Abort the association of the send in progress, if any, and start no other (at
         shutdown, from another thread); returns how many associations were aborted."""
         return self.outbound.abort_all(refuse_new=True)
+
+    def close_sends(self, timeout: float = 1.0) -> None:
+        """Release the association kept open to the PACS (its answer waited for ``timeout``
+        seconds at most, then aborted): at shutdown, and at the end of a replay."""
+        if self.sender is not None:
+            self.sender.close(timeout)
 
     def process_pending(self, max_jobs: int = 100) -> int:
         """Score until nothing is due (or ``max_jobs``, or shutdown); returns jobs done."""

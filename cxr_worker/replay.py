@@ -173,5 +173,8 @@ def run(s: Settings, *, paths: list[Path], study: str | None, since: dt.datetime
         return errors
     pipeline = build_pipeline(s, load_scorer(s, engine), engine, hold_results=not send,
                               only_ids=set(ids))
-    _drain(pipeline, ids)
+    try:
+        _drain(pipeline, ids)
+    finally:
+        pipeline.close_sends()
     return errors + _describe(engine, ids)

@@ -14,6 +14,12 @@ Every association is bounded: ``pacs.connect_timeout_seconds`` to open the TCP c
 registered with an :class:`Outbound` from before its request is sent, so that a shutdown can
 abort it whatever it waits for (:func:`hard_abort`): the A-ASSOCIATE-AC of a PACS that accepted
 the TCP connection and hangs, a C-STORE response, or a send blocked on a full socket.
+
+Every outbound socket has TCP_NODELAY (:func:`set_nodelay`, on EVT_CONN_OPEN, before the
+A-ASSOCIATE-RQ): pynetdicom leaves Nagle's algorithm on, and a result's last PDU then waits for
+the PACS's delayed ACK (a send took 64 ms, 24 ms with TCP_NODELAY: ../shared/PERF-NOTES.md).
+The service's results go through a :class:`Sender`: one association to the PACS kept open
+between C-STOREs and released after ``pacs.idle_release_seconds`` without one, or at shutdown.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import A_P_ABORT
 from pynetdicom.sop_class import (  # type: ignore
@@ -46,7 +52,8 @@ logger = logging.getLogger(__name__)
 # the presentation contexts proposed to the PACS (SCU role), per operation
 ECHO_CONTEXTS: list[tuple[str, list[str]]] = [(Verification, [ImplicitVRLittleEndian])]
 # C-STORE: the result objects (outputs.kinds "sc", "sr"; the rejection note that withdraws
-# an earlier result); each association proposes only the class of the object it carries
+# an earlier result); the kept association (Sender) proposes all three, a one-shot store()
+# only the class of the object it carries
 STORE_CONTEXTS: list[tuple[str, list[str]]] = [
     (SecondaryCaptureImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
     (Comprehensive3DSRStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]),
@@ -69,6 +76,9 @@ class Peer:
     timeout_seconds: float = 30.0
     ssl_context: ssl.SSLContext | None = None  # DICOM TLS; the host name is ``host``
     connect_timeout_seconds: float = 5.0  # TCP connect (pacs.connect_timeout_seconds)
+    # a Sender's kept association is released after this long without a C-STORE
+    # (pacs.idle_release_seconds; 0: not kept)
+    idle_release_seconds: float = 10.0
 
 
 class Outbound:
@@ -142,6 +152,23 @@ def hard_abort(assoc: Any) -> None:
             raw.shutdown(socket.SHUT_RDWR)
 
 
+def set_nodelay(sock: Any) -> bool:
+    """TCP_NODELAY on a connected socket (plain or TLS-wrapped): each PDU leaves at once
+    instead of waiting for the peer's delayed ACK of the previous one. False when it cannot
+    be set (not a TCP socket, or closed already)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        return False
+    return True
+
+
+def _on_conn_open(event: Any) -> None:
+    """EVT_CONN_OPEN of an outbound association: the TCP connection (and TLS handshake) is
+    done and no PDU has been sent yet."""
+    set_nodelay(getattr(event.assoc.dul.socket, "socket", None))
+
+
 def _associate(peer: Peer, contexts: list[tuple[str, list[str]]],
                outbound: Outbound = OUTBOUND) -> Any:
     """An established association (registered with ``outbound``: the caller discards its AE
@@ -155,7 +182,8 @@ def _associate(peer: Peer, contexts: list[tuple[str, list[str]]],
     outbound.add(ae)
     started = time.monotonic()
     try:
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, _on_conn_open)])
     except BaseException:
         outbound.discard(ae)
         raise
@@ -224,26 +252,175 @@ def echo(peer: Peer, outbound: Outbound = OUTBOUND) -> None:
         raise SendError(f"C-ECHO to {peer.ae_title} answered {_hex(code)}", code)
 
 
-def store(peer: Peer, ds: Dataset, outbound: Outbound = OUTBOUND) -> None:
-    """C-STORE one result object (Secondary Capture, Comprehensive 3D SR, Key Object
-    Selection), proposing its SOP class only; raise SendError unless the PACS answers
-    success (a PACS that does not take the class rejects the context: a SendError too)."""
+def _store_contexts(ds: Dataset) -> list[tuple[str, list[str]]]:
     contexts = [c for c in STORE_CONTEXTS if c[0] == ds.SOPClassUID]
     if not contexts:
         raise SendError(f"no presentation context for SOP class {ds.SOPClassUID}")
-    assoc = _associate(peer, contexts, outbound)
+    return contexts
+
+
+def _c_store(assoc: Any, peer: Peer, ds: Dataset) -> Dataset:
+    """The C-STORE response (an empty data set: none, the association ended meanwhile)."""
     try:
-        status = assoc.send_c_store(ds)
+        status: Dataset = assoc.send_c_store(ds)
+        return status
     except ValueError as exc:  # pynetdicom: no accepted context for the class
         raise SendError(f"C-STORE {ds.SOPInstanceUID} to {peer.ae_title}: the PACS accepted "
                         f"no presentation context for {ds.SOPClassUID}") from exc
-    finally:
-        assoc.release()
-        _forget(outbound, assoc)
+    except RuntimeError:  # pynetdicom: the association ended before the request was sent
+        return Dataset()
+
+
+def _check_stored(peer: Peer, ds: Dataset, status: Dataset | None) -> None:
     code = int(status.Status) if status and "Status" in status else None
     if code not in STORE_DELIVERED:
         raise SendError(f"C-STORE {ds.SOPInstanceUID} to {peer.ae_title} answered "
                         f"{_hex(code)}", code)
+
+
+def store(peer: Peer, ds: Dataset, outbound: Outbound = OUTBOUND) -> None:
+    """C-STORE one result object (Secondary Capture, Comprehensive 3D SR, Key Object
+    Selection) over an association of its own, proposing its SOP class only; raise SendError
+    unless the PACS answers success (a PACS that does not take the class rejects the context:
+    a SendError too). The service sends through a :class:`Sender` instead."""
+    assoc = _associate(peer, _store_contexts(ds), outbound)
+    try:
+        status = _c_store(assoc, peer, ds)
+    finally:
+        assoc.release()
+        _forget(outbound, assoc)
+    _check_stored(peer, ds, status)
+
+
+class Sender:
+    """C-STOREs to one PACS over one association kept open between them.
+
+    Opening an association costs a TCP handshake, an A-ASSOCIATE exchange (and a TLS
+    handshake); a burst of results pays it once. The association proposes every class of
+    :data:`STORE_CONTEXTS` and is registered with ``outbound`` for as long as it is open, so
+    :meth:`Outbound.abort_all` ends it at shutdown like any other. Released (A-RELEASE) after
+    ``idle_release_seconds`` (default the peer's) without a C-STORE, by a timer thread, and
+    by :meth:`close`.
+
+    A PACS may end a kept association on its own (Orthanc after its idle timeout, a restart):
+    an association found ended before a C-STORE is replaced by a new one; one that ends during
+    a C-STORE on a reused association, faster than ``timeout_seconds`` (the peer closed it,
+    not a PACS that hangs), is retried once on a new association before the attempt counts as
+    failed. A PACS that hangs costs the same timeouts as with :func:`store`.
+
+    One C-STORE at a time (a lock): the service has one send thread per destination.
+    """
+
+    def __init__(self, peer: Peer, outbound: Outbound = OUTBOUND,
+                 idle_release_seconds: float | None = None) -> None:
+        self.peer = peer
+        self.outbound = outbound
+        self.idle_release_seconds = peer.idle_release_seconds \
+            if idle_release_seconds is None else idle_release_seconds
+        self.opened = 0  # associations opened so far
+        self._lock = threading.Lock()
+        self._assoc: Any = None
+        self._last_used = 0.0
+        self._timer: threading.Timer | None = None
+
+    @property
+    def association(self) -> Any:
+        """The association kept open, or None (ended associations included until the next
+        C-STORE replaces them)."""
+        return self._assoc
+
+    def store(self, ds: Dataset) -> None:
+        """As :func:`store`, over the kept association."""
+        _store_contexts(ds)
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            try:
+                status = self._store(ds)
+            finally:
+                self._last_used = time.monotonic()
+                if self._assoc is not None and self.idle_release_seconds > 0:
+                    self._timer = threading.Timer(self.idle_release_seconds,
+                                                  self._release_if_idle)
+                    self._timer.daemon = True
+                    self._timer.start()
+                elif self._assoc is not None:
+                    self._end(release=True)  # idle_release_seconds = 0: not kept
+        _check_stored(self.peer, ds, status)
+
+    def _open(self) -> Any:
+        self._assoc = _associate(self.peer, STORE_CONTEXTS, self.outbound)
+        self.opened += 1
+        return self._assoc
+
+    def _store(self, ds: Dataset) -> Dataset:
+        if self.outbound.refusing:  # the kept association may not have ended yet
+            raise SendError("not sending: the worker is shutting down")
+        assoc = self._assoc
+        reused = assoc is not None and assoc.is_established
+        if not reused:
+            if assoc is not None:  # ended while idle (the PACS closed it)
+                logger.debug("the association to %s ended while idle: opening a new one",
+                             self.peer.ae_title)
+                self._end(release=False)
+            assoc = self._open()
+        started = time.monotonic()
+        status = _c_store(assoc, self.peer, ds)
+        if "Status" not in status:  # no answer: the association is not to be used again
+            self._end(release=False, abort=True)
+            if (reused and not self.outbound.refusing
+                    and time.monotonic() - started < self.peer.timeout_seconds):
+                logger.info("the PACS %s ended the kept association during a C-STORE: "
+                            "sending %s again on a new one", self.peer.ae_title,
+                            ds.SOPInstanceUID)
+                assoc = self._open()
+                status = _c_store(assoc, self.peer, ds)
+                if "Status" not in status:
+                    self._end(release=False, abort=True)
+        elif not assoc.is_established:
+            self._end(release=False)
+        return status
+
+    def _end(self, release: bool, timeout: float | None = None, abort: bool = False) -> None:
+        """Release (when ``release`` and still established) or abort (``abort``) the
+        association, and forget it."""
+        assoc, self._assoc = self._assoc, None
+        if assoc is None:
+            return
+        if abort:
+            hard_abort(assoc)
+        if release and assoc.is_established:
+            if timeout is not None:
+                assoc.acse_timeout = timeout
+            with contextlib.suppress(Exception):  # an ended connection: nothing to release
+                assoc.release()
+            if assoc.is_established:
+                hard_abort(assoc)
+        _forget(self.outbound, assoc)
+
+    def _release_if_idle(self) -> None:
+        if not self._lock.acquire(blocking=False):
+            return  # a C-STORE in progress: it arms the timer again
+        try:
+            if self._assoc is not None and \
+                    time.monotonic() - self._last_used >= self.idle_release_seconds * 0.99:
+                logger.debug("releasing the idle association to %s", self.peer.ae_title)
+                self._end(release=True)
+        finally:
+            self._lock.release()
+
+    def close(self, timeout: float = 1.0) -> None:
+        """Release the kept association (its A-RELEASE-RP waited for ``timeout`` seconds at
+        most, then aborted); abort it at once if a C-STORE or a release is in progress."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._lock.acquire(timeout=max(timeout, 0.0)):
+            try:
+                self._end(release=True, timeout=max(timeout, 0.01))
+            finally:
+                self._lock.release()
+        elif (assoc := self._assoc) is not None:
+            hard_abort(assoc)
 
 
 def _hex(code: int | None) -> str:

@@ -81,6 +81,9 @@ class Pacs:
     port: int = 104
     timeout_seconds: float = 30.0  # each ACSE/DIMSE answer; an idle connection
     connect_timeout_seconds: float = 5.0  # TCP connect to the PACS
+    # the results go over one association kept open; released after this many seconds
+    # without a C-STORE (and at shutdown); 0: one association per result
+    idle_release_seconds: float = 10.0
     # DICOM TLS to the PACS (cxr_worker.tls): its certificate is always verified
     tls: bool = False
     tls_ca_certificates: str = ""  # PEM CA bundle; empty: the system's trusted CAs
@@ -467,6 +470,8 @@ def _validate_shutdown_and_sweep(s: Settings) -> None:
     for name in ("timeout_seconds", "connect_timeout_seconds"):
         if not getattr(s.pacs, name) > 0:
             raise ConfigError(f"pacs.{name}: must be positive")
+    if not s.pacs.idle_release_seconds >= 0:
+        raise ConfigError("pacs.idle_release_seconds: must be 0 (not kept) or positive")
 
 
 def _validate_processing(s: Settings) -> None:

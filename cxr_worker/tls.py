@@ -183,7 +183,8 @@ def pacs_peer(s: Settings) -> send.Peer | None:
         return None
     return send.Peer(s.pacs.ae_title, s.pacs.host, s.pacs.port, s.listener.ae_title,
                      s.pacs.timeout_seconds, ssl_context=client_context(s.pacs),
-                     connect_timeout_seconds=s.pacs.connect_timeout_seconds)
+                     connect_timeout_seconds=s.pacs.connect_timeout_seconds,
+                     idle_release_seconds=s.pacs.idle_release_seconds)
 
 
 def self_peer(s: Settings, calling_ae_title: str, timeout_seconds: float) -> send.Peer:

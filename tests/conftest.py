@@ -93,6 +93,7 @@ class Orthanc:
     proc: subprocess.Popen[bytes] | None = None
     worker_port: int = 0
     tls: OrthancTls | None = None  # None: plain DICOM
+    extra: dict[str, Any] = field(default_factory=dict)  # more of Orthanc's configuration
     log: Path = field(init=False)
 
     def __post_init__(self) -> None:
@@ -129,6 +130,7 @@ class Orthanc:
                 "DicomTlsTrustedCertificates": str(self.tls.trusted_certificates),
                 "DicomTlsRemoteCertificateRequired": self.tls.require_client_certificate,
             })
+        cfg.update(self.extra)
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "orthanc.json").write_text(json.dumps(cfg))
         with open(self.log, "ab") as log:
