@@ -444,3 +444,26 @@ def migrated_engine(blank_engine: Any) -> Any:
 
     schema.upgrade(blank_engine)
     return blank_engine
+
+
+def secondary_capture(side: int = 64) -> Any:
+    """A small Secondary Capture such as the worker sends (8-bit, ``side`` x ``side``): what
+    the send tests and benchmarks store to a PACS."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.PatientName = "SEND", "Send^Test"
+    ds.Modality, ds.ConversionType = "OT", "WSD"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows = ds.Columns = side
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.PixelData = bytes(range(256)) * (side * side // 256)
+    return ds

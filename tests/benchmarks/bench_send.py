@@ -28,30 +28,17 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from conftest import DCMTK_ENV, Orthanc, free_port, need, wait_until  # noqa: E402
-from pydicom.dataset import Dataset, FileMetaDataset  # noqa: E402
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid  # noqa: E402
-from pynetdicom.sop_class import SecondaryCaptureImageStorage  # type: ignore # noqa: E402
+from conftest import (  # noqa: E402
+    DCMTK_ENV,
+    Orthanc,
+    free_port,
+    need,
+    secondary_capture,
+    wait_until,
+)
+from pydicom.dataset import Dataset  # noqa: E402
 
 from cxr_worker import send  # noqa: E402
-
-
-def secondary_capture() -> Dataset:
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientID, ds.PatientName = "BENCH", "Bench^Send"
-    ds.Modality, ds.ConversionType = "OT", "WSD"
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows = ds.Columns = 1024
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation = 7, 0
-    ds.PixelData = bytes(range(256)) * (1024 * 1024 // 256)
-    return ds
 
 
 def _nagle_on(event: Any) -> None:  # the code before issue 12: pynetdicom's default socket
@@ -65,7 +52,7 @@ def fmt(xs: list[float]) -> str:
 
 def bench(name: str, peer: send.Peer, n: int, tmp: Path) -> None:
     sender = send.Sender(peer, send.Outbound(), idle_release_seconds=60)
-    sample = secondary_capture()
+    sample = secondary_capture(1024)
     sample_file = tmp / "sc.dcm"
     sample.save_as(sample_file, enforce_file_format=True)
     real_hook = send._on_conn_open
@@ -90,18 +77,18 @@ def bench(name: str, peer: send.Peer, n: int, tmp: Path) -> None:
         "storescu": storescu,
     }
     for way in ways.values():  # warm-up
-        way(secondary_capture())
+        way(secondary_capture(1024))
     for _ in range(n):  # interleaved round by round
         for key, way in ways.items():
-            ds = secondary_capture()
+            ds = secondary_capture(1024)
             t0 = time.perf_counter()
             way(ds)
             times[key].append(time.perf_counter() - t0)
     # then the kept association on its own: storescp (no --fork) serves one association at
     # a time, so the others would wait for its release
-    sender.store(secondary_capture())  # opens it (the first result pays the association)
+    sender.store(secondary_capture(1024))  # opens it (the first result pays the association)
     for _ in range(n):
-        ds = secondary_capture()
+        ds = secondary_capture(1024)
         t0 = time.perf_counter()
         sender.store(ds)
         times["kept"].append(time.perf_counter() - t0)

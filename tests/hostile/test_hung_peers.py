@@ -19,10 +19,9 @@ from pathlib import Path
 
 import pytest
 from attacks import StoreSCP, quiet_ae
-from conftest import Worker, free_port, storescu, wait_until
+from conftest import Worker, free_port, secondary_capture, storescu, wait_until
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification  # type: ignore
@@ -41,23 +40,6 @@ def storescp(tmp_path: Path) -> Iterator[StoreSCP]:
     yield scp
     scp.stop()
 
-
-def secondary_capture() -> Dataset:
-    """A small Secondary Capture, as the worker sends."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPClassUID = SecondaryCaptureImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality, ds.ConversionType = "OT", "WSD"
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.Rows = ds.Columns = 64
-    ds.BitsAllocated = ds.BitsStored = 8
-    ds.HighBit, ds.PixelRepresentation = 7, 0
-    ds.PixelData = bytes(64 * 64)
-    return ds
 
 
 def association_threads() -> list[DULServiceProvider]:
