@@ -77,6 +77,19 @@ def test_a_send_to_a_pacs_that_hangs_is_bounded_by_its_timeout(storescp: StoreSC
     assert time.monotonic() - t0 < 3.0
 
 
+def abort_hung_send(t: threading.Thread, outbound: send.Outbound,
+                    outcome: dict[str, object]) -> str:
+    """Abort the one send ``t`` hangs in; it must end within 1.5 s with a SendError, whose
+    text is returned."""
+    assert t.is_alive(), f"the send did not hang: {outcome}"
+    t_abort = time.monotonic()
+    assert outbound.abort_all() == 1
+    t.join(5)
+    assert not t.is_alive() and isinstance(outcome["result"], SendError), outcome
+    assert time.monotonic() - t_abort < 1.5
+    return str(outcome["result"])
+
+
 def test_abort_ends_a_send_waiting_for_the_association_accept(storescp: StoreSCP) -> None:
     storescp.hang()  # the TCP connection is accepted (by the kernel); no A-ASSOCIATE-AC comes
     peer = send.Peer(storescp.aet, "127.0.0.1", storescp.port, "CXR_WORKER",
@@ -85,13 +98,7 @@ def test_abort_ends_a_send_waiting_for_the_association_accept(storescp: StoreSCP
     t, outcome = store_in_thread(peer, outbound)
     wait_until(association_threads, 5, "the association request")
     time.sleep(0.5)
-    assert t.is_alive(), f"the send did not hang: {outcome}"
-    t_abort = time.monotonic()
-    assert outbound.abort_all() == 1
-    t.join(5)
-    assert not t.is_alive() and isinstance(outcome["result"], SendError), outcome
-    assert "shutting down" in str(outcome["result"])
-    assert time.monotonic() - t_abort < 1.5
+    assert "shutting down" in abort_hung_send(t, outbound, outcome)
     wait_until(lambda: not association_threads(), 2, "the association's thread to end")
     # after abort_all, no association starts: a shutdown is under way
     with pytest.raises(SendError, match="shutting down"):
@@ -126,13 +133,7 @@ def test_abort_ends_a_send_waiting_for_the_store_response(
     outbound = send.Outbound()
     t, outcome = store_in_thread(peer, outbound)
     time.sleep(1.0)
-    assert t.is_alive(), f"the send did not hang: {outcome}"
-    t_abort = time.monotonic()
-    assert outbound.abort_all() == 1
-    t.join(5)
-    assert not t.is_alive() and isinstance(outcome["result"], SendError), outcome
-    assert "no response" in str(outcome["result"])
-    assert time.monotonic() - t_abort < 1.5
+    assert "no response" in abort_hung_send(t, outbound, outcome)
 
 
 def test_an_outbound_registry_aborts_only_its_own_associations(
