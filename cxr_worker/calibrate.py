@@ -5,7 +5,7 @@ processing and patients move the scores. A site that labels a few hundred of its
 (``NORMAL/`` and ``PNEUMONIA/`` folders of DICOM, PNG or JPEG, or a CSV of ``path,label``)
 gets a threshold that meets its sensitivity target on *its* images:
 
-- every image goes through the service's own path (:func:`cxr_worker.pipeline.assess_file`:
+- every image goes through the service's own path (:func:`cxr_worker.assess.assess_file`:
   gate, decode, preprocessing contract, calibrated score); images the gate refuses are
   counted and listed, never scored;
 - the threshold is the most specific one whose sensitivity on the site's pneumonias is at
@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from cxr_worker.assess import assess_file
 from cxr_worker.errors import CalibrationError, NotScoredError
 from cxr_worker.inputs import is_image_input
 from cxr_worker.model import metrics
-from cxr_worker.pipeline import assess_file
 
 MIN_PER_CLASS = 50
 CLASS_NAMES = ("NORMAL", "PNEUMONIA")

@@ -64,9 +64,9 @@ def _err(message: str, level: int = logging.ERROR) -> None:
 
 
 def open_worklist(s: Settings) -> Any:
-    from cxr_worker import service
+    from cxr_worker import compose
 
-    return service.open_worklist(s)
+    return compose.open_worklist(s)
 
 
 def _print_json(obj: Any) -> None:
@@ -76,8 +76,17 @@ def _print_json(obj: Any) -> None:
 # -- serve / echo / db ------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     from cxr_worker.service import serve
+    from cxr_worker.settings import job_roles
 
-    return serve(_settings(args), migrate=not args.no_migrate)
+    s = _settings(args)
+    if args.role is not None:
+        s.jobs.role = args.role
+        try:
+            job_roles(s)
+        except ValueError as exc:
+            _err(f"--role {exc}")
+            return EXIT_USAGE
+    return serve(s, migrate=not args.no_migrate)
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
@@ -100,7 +109,7 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_db(args: argparse.Namespace) -> int:
-    from cxr_worker.service import prepare_data_dir
+    from cxr_worker.compose import prepare_data_dir
     from cxr_worker.worklist import queue, schema
 
     s = _settings(args)
@@ -156,7 +165,7 @@ def existing_worklist(args: argparse.Namespace, s: Settings, command: str) -> An
     """The worklist's engine; a :class:`StartupError` (exit 2) naming the database and the
     settings read when it does not exist yet: a command run from another folder, or with
     other settings than the service, must not create an empty worklist and show nothing."""
-    from cxr_worker.service import existing_worklist as existing
+    from cxr_worker.compose import existing_worklist as existing
 
     engine = existing(s)
     if engine is None:
@@ -337,9 +346,9 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 # -- score ------------------------------------------------------------------------------
 def _score_one(path: Path, scorer: Any, gate_cfg: Any) -> dict[str, Any]:
+    from cxr_worker.assess import assess_file
     from cxr_worker.errors import NotScoredError
     from cxr_worker.labels import Population
-    from cxr_worker.pipeline import assess_file
 
     out: dict[str, Any] = {"path": str(path)}
     try:
@@ -369,8 +378,8 @@ def _score_one(path: Path, scorer: Any, gate_cfg: Any) -> dict[str, Any]:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from cxr_worker import inputs
+    from cxr_worker.compose import existing_worklist, gate_config, load_scorer
     from cxr_worker.labels import format_probability, format_threshold
-    from cxr_worker.service import existing_worklist, gate_config, load_scorer
 
     s = _settings(args)
     # folders: DICOM (by its preamble), PNG and JPEG only; files named here are all tried
@@ -463,7 +472,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if _missing_train_extra("evaluate"):
         return EXIT_USAGE
-    from cxr_worker.service import model_dir
+    from cxr_worker.compose import model_dir
     from cxr_worker.training.evaluate import evaluate
 
     s = _settings(args)
@@ -476,8 +485,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from cxr_worker import calibrate
+    from cxr_worker.compose import existing_worklist, gate_config, load_scorer
     from cxr_worker.errors import CalibrationError
-    from cxr_worker.service import existing_worklist, gate_config, load_scorer
 
     s = _settings(args)
     engine = open_worklist(s) if args.apply else existing_worklist(s)
@@ -523,8 +532,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from cxr_worker import stats
+    from cxr_worker.compose import model_dir
     from cxr_worker.model import card as model_card
-    from cxr_worker.service import model_dir
     from cxr_worker.worklist import site
 
     s = _settings(args)
@@ -615,6 +624,10 @@ def _add_service_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     sp = sub.add_parser("serve", parents=[common], help="run the listener and the jobs")
     sp.add_argument("--no-migrate", action="store_true",
                     help="do not upgrade the database schema at start-up")
+    sp.add_argument("--role", default=None, metavar="ROLE",
+                    help="all (default: jobs.role), or receive, process, send, "
+                    "comma-separated: several processes share one PostgreSQL worklist and "
+                    "one data_dir (README: Scaling out)")
     sp.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("echo", parents=[common], help="C-ECHO the configured PACS")

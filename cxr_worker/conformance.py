@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from pydicom.uid import UID
 
 from cxr_worker import __version__, listener, receive, report, report_sr, send, tls
-from cxr_worker.service import listener_config
+from cxr_worker.compose import listener_config
 from cxr_worker.settings import Settings
 
 REGENERATE = "cxr-worker conformance > docs/conformance.md"
@@ -233,8 +233,10 @@ def statement() -> str:
              "threshold, algorithm identification (TID 4019), the worker as device observer, "
              "the source image as evidence and in the image library, the validated-population "
              "note"),
-            ("Series", f"its own, Series Number `report.series_number` + 1 "
-             f"({d.report.series_number + 1}), \"{report_sr.SR_SERIES_DESCRIPTION}\""),
+            ("Series", f"its own, Series Number `report.series_number` + "
+             f"{report_sr.SR_SERIES_OFFSET} "
+             f"({d.report.series_number + report_sr.SR_SERIES_OFFSET}), "
+             f"\"{report_sr.SR_SERIES_DESCRIPTION}\""),
             ("SOP Instance UID", "as the Secondary Capture's (the decision's); a report that "
              "replaces one sent before names it in the Predecessor Documents Sequence"),
             ("Completion / Verification / Preliminary Flag", "COMPLETE / UNVERIFIED / "
@@ -250,8 +252,10 @@ def statement() -> str:
             ("Content", "the replaced Secondary Capture and SR (Current Requested Procedure "
              "Evidence Sequence and content items), the worker as device observer, a Key "
              "Object Description naming the decision that replaced them"),
-            ("Series", f"its own, Series Number `report.series_number` + 2 "
-             f"({d.report.series_number + 2}), \"{report_sr.KOS_SERIES_DESCRIPTION}\""),
+            ("Series", f"its own, Series Number `report.series_number` + "
+             f"{report_sr.KOS_SERIES_OFFSET} "
+             f"({d.report.series_number + report_sr.KOS_SERIES_OFFSET}), "
+             f"\"{report_sr.KOS_SERIES_DESCRIPTION}\""),
         ]),
         "A UID withdrawn this way is never used again for that source image.",
         "",

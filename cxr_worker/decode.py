@@ -188,7 +188,7 @@ REPORT_SIDE = 1024
 checks they agree; the web page's largest picture is the same)."""
 FOR_SCORE_AND_REPORT = Need(MODEL_SIDE, REPORT_SIDE)
 """What the service uses (the pipeline, and ``score`` and ``calibrate`` through
-``pipeline.assess_file``, so that they give the service's scores): scoring and the Secondary
+``assess.assess_file``, so that they give the service's scores): scoring and the Secondary
 Capture, which shows the radiograph at the size it always had. A 2500 x 2048 frame is used at
 1250 x 1024 (JPEG 2000 level 1); its score moved by at most 0.0033 from the full decode's
 (tests/test_reduced_decode.py)."""

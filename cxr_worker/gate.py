@@ -32,14 +32,10 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
+from cxr_worker import sop_classes
 from cxr_worker.errors import OutOfScopeError
 from cxr_worker.labels import Population
 from cxr_worker.text import quote_value
-
-CR = "1.2.840.10008.5.1.4.1.1.1"
-DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
-DX_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 # every rule's name, in the order checked (the worklist reason and metrics name them)
 RULES = ("sop_class", "own_output", "modality", "body_part", "view_position",
@@ -196,9 +192,7 @@ def assess_population(ds: Dataset, cfg: GateConfig) -> GateResult:
 def check(ds: Dataset, cfg: GateConfig) -> GateResult:
     """Raise :class:`OutOfScopeError` naming the rule, or return flags for the result."""
     sop_class = str(ds.get("SOPClassUID", ""))
-    allowed = {CR, DX_PRESENTATION, SECONDARY_CAPTURE} | (
-        {DX_PROCESSING} if cfg.accept_dx_for_processing else set())
-    if sop_class not in allowed:
+    if sop_class not in sop_classes.accepted(cfg.accept_dx_for_processing):
         raise OutOfScopeError("sop_class",
                               f"SOP Class {quote_value(sop_class)} is not a radiograph we score")
 

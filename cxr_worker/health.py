@@ -12,7 +12,8 @@ import datetime as dt
 import logging
 import tempfile
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,9 @@ class Readiness:
     # what this process needs to be ready: ``cxr-worker web`` (no model, no spool) only the
     # database
     needs: tuple[str, ...] = ("model", "database", "spool")
+    # the service's loops (cxr_worker.jobs.Jobs.wake_role): "process" or "send", called by
+    # the web API after a replay, a retry or a resumed sending (no-op without a service)
+    wake: Callable[[str], None] = field(default=lambda _kind: None)
 
     def check(self) -> tuple[bool, dict[str, Any]]:
         run = {"model": lambda: check_model(self.scorer),

@@ -227,7 +227,7 @@ def observation_datetime(source: Dataset) -> datetime.datetime | None:
     return None
 
 
-def message_control_id(source_sop_uid: str, model_version: str, label: str,
+def message_control_id(source_sop_uid: str, model_version: str, label: Label,
                        threshold: float) -> str:
     """MSH-10 (20 characters): the same for a resend of the same result, new for another
     decision."""
@@ -366,7 +366,7 @@ def build_oru(
     source: Dataset,
     *,
     probability: float,
-    label: str,
+    label: Label,
     threshold: float,
     model_version: str,
     cfg: Hl7Config,

@@ -32,7 +32,9 @@ from sqlalchemy import Engine, or_, select
 from sqlalchemy.orm import Session
 
 from cxr_worker.pipeline import Pipeline
+from cxr_worker.settings import ROLES
 from cxr_worker.spool import Spool, heatmap_path_for
+from cxr_worker.worklist import deliveries, queue
 from cxr_worker.worklist.deliveries import DICOM_KINDS
 from cxr_worker.worklist.models import Delivery, DeliveryStatus, Instance, Status, utcnow
 
@@ -45,6 +47,9 @@ RETENTION = "retention"
 SWEEP = "sweep"
 PACS_ECHO = "pacs_echo"
 PACS_ECHO_SECONDS = 60.0
+# PostgreSQL notifies the loops of new work (Notifications): they look by themselves only
+# this often, in case a notification was lost (a reconnection)
+NOTIFIED_POLL_SECONDS = 30.0
 
 
 def apply_retention(engine: Engine, retention_days: float, pacs_configured: bool,
@@ -160,18 +165,25 @@ def sweep_orphans(engine: Engine, spool: Spool, grace_seconds: float,
 
 
 class Loop:
-    """A daemon thread that runs ``work`` when woken, and every ``poll_seconds``.
+    """A daemon thread that runs ``work`` when woken, at once again while ``work`` reports
+    work done (a truthy result), and otherwise sleeps until ``next_due()`` (the next retry or
+    lease end it knows of) or at most ``poll_seconds``: an idle worker sends no query a
+    second. Arrivals wake it (:meth:`wake`: the C-STORE handler, the scoring, PostgreSQL
+    notifications).
 
     Daemon: the interpreter's exit never waits for it; :meth:`Jobs.stop` waits for it, as
     long as the shutdown allows.
     """
 
-    def __init__(self, name: str, work: Callable[[], object], poll_seconds: float) -> None:
+    def __init__(self, name: str, work: Callable[[], object], poll_seconds: float,
+                 next_due: Callable[[], dt.datetime | None] | None = None) -> None:
         self.name = name
         self._work = work
         self._poll = poll_seconds
+        self._next_due = next_due
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self.idle = False  # waiting for work (read by Jobs.wake, without a lock: a hint)
         self.thread = threading.Thread(target=self._run, name=f"cxr-{name}", daemon=True)
 
     def start(self) -> None:
@@ -191,35 +203,113 @@ class Loop:
             self.thread.join(max(timeout, 0.0))
         return not self.thread.is_alive()
 
+    def _idle_seconds(self) -> float:
+        """How long to sleep with nothing to do: until the next due time, at most
+        ``poll_seconds`` (which also bounds how late another SQLite process's work is seen)."""
+        if self._next_due is None:
+            return self._poll
+        due = self._next_due()
+        if due is None:
+            return self._poll
+        return min(max((due - utcnow()).total_seconds(), 0.0) + 0.005, self._poll)
+
     def _run(self) -> None:
+        timeout = 0.0
         while not self._stop.is_set():
-            self._wake.wait(self._poll)
+            self.idle = True
+            self._wake.wait(timeout)
+            self.idle = False
             self._wake.clear()  # before the work: a wake-up during it means another round
             if self._stop.is_set():
                 break
             try:
-                self._work()
-            except Exception:  # e.g. the database unreachable: logged, tried again next round
+                timeout = 0.0 if self._work() else self._idle_seconds()
+            except Exception:  # e.g. the database unreachable: logged, tried again later
                 logger.exception("%s: unexpected error", self.name)
+                timeout = self._poll
+
+
+class Notifications:
+    """PostgreSQL: LISTEN on the worklist's channel (migration 0008) and wake the loops the
+    notifications name (``process``, ``send``): work another process, the CLI or the web
+    page made available is seen at once. A thread of its own on a connection of its own,
+    reconnecting after an outage; stopped with :meth:`stop`."""
+
+    def __init__(self, engine: Engine, wake: Callable[[str], None]) -> None:
+        self._url = engine.url.set(drivername="postgresql").render_as_string(
+            hide_password=False)
+        self._wake = wake
+        self._stop = threading.Event()
+        self.listening = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="cxr-notify", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        import psycopg
+
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self._url, autocommit=True, connect_timeout=10) as conn:
+                    schema = conn.execute("SELECT current_schema()").fetchone()
+                    channel = f"cxr_worker_{schema[0] if schema else 'public'}"
+                    conn.execute(psycopg.sql.SQL("LISTEN {}").format(
+                        psycopg.sql.Identifier(channel)))
+                    self.listening.set()
+                    self._wake("process")  # what arrived while not listening
+                    self._wake("send")
+                    while not self._stop.is_set():
+                        for note in conn.notifies(timeout=0.5):
+                            self._wake(note.payload)
+            except Exception as exc:  # the server restarted, the network: listen again
+                self.listening.clear()
+                logger.warning("worklist notifications: %s; listening again in 5 s",
+                               type(exc).__name__)
+                self._stop.wait(5.0)
 
 
 class Jobs:
+    """The service's loops for its ``roles`` (:func:`parse_roles`): ``process``: one scoring
+    loop per worker process (``[jobs] workers``); ``send``: one delivery loop per destination
+    and the PACS C-ECHO; ``receive``: retention and the orphan sweep (the spool's owner; the
+    listener itself is the service's)."""
+
     def __init__(self, pipeline: Pipeline, poll_seconds: float, retention_days: float,
                  retention_interval_seconds: float, *,
                  pacs_echo: Callable[[], object] | None = None,
                  pacs_echo_seconds: float = PACS_ECHO_SECONDS,
-                 orphan_grace_seconds: float = 3600.0) -> None:
+                 orphan_grace_seconds: float = 3600.0,
+                 roles: frozenset[str] = frozenset(ROLES),
+                 notified_poll_seconds: float = NOTIFIED_POLL_SECONDS) -> None:
         self.pipeline = pipeline
-        self.process = Loop(PROCESS, pipeline.process_pending, poll_seconds)
+        self.roles = roles
+        engine, only = pipeline.engine, pipeline.only_ids
+        notified = engine.dialect.name == "postgresql"
+        if notified:
+            poll_seconds = max(poll_seconds, notified_poll_seconds)
+        n = pipeline.workers.n if pipeline.workers is not None else 1
+        self.processors = [
+            Loop(PROCESS if n == 1 else f"{PROCESS}-{i + 1}", pipeline.process_pending,
+                 poll_seconds, lambda: queue.next_due(engine, only))
+            for i in range(n if "process" in roles else 0)]
         # one delivery loop per destination: a PACS that hangs never holds the RIS's ORU
         self.send: Loop | None = None
         self.hl7: Loop | None = None
         outputs = pipeline.outputs
-        if outputs.pacs_kinds and not pipeline.hold_results:
+        sending = "send" in roles and not pipeline.hold_results
+        if outputs.pacs_kinds and sending:
             kinds = outputs.pacs_kinds
-            self.send = Loop(SEND, lambda: pipeline.send_pending(kinds=kinds), poll_seconds)
-        if "hl7" in outputs.delivered and not pipeline.hold_results:
-            self.hl7 = Loop(HL7, lambda: pipeline.send_pending(kinds=("hl7",)), poll_seconds)
+            self.send = Loop(SEND, lambda: pipeline.send_pending(kinds=kinds), poll_seconds,
+                             lambda: deliveries.next_due(engine, kinds))
+            if self.processors:  # results scored here are handed to this sender in memory
+                pipeline.sends_here = kinds
+        if "hl7" in outputs.delivered and sending:
+            self.hl7 = Loop(HL7, lambda: pipeline.send_pending(kinds=("hl7",)), poll_seconds,
+                            lambda: deliveries.next_due(engine, ("hl7",)))
         senders = [loop for loop in (self.send, self.hl7) if loop is not None]
         if senders:
             def wake_senders() -> None:
@@ -227,33 +317,58 @@ class Jobs:
                     loop.wake()
 
             pipeline.on_scored = wake_senders
+        self.notifications = (Notifications(engine, self.wake_role)
+                              if notified and self.loops else None)
         live = (*outputs.pacs_kinds, *(("hl7",) if "hl7" in outputs.delivered else ()))
         self.scheduler = BackgroundScheduler(timezone="UTC")
-        self.scheduler.add_job(
-            apply_retention, "interval", seconds=retention_interval_seconds, id=RETENTION,
-            args=[pipeline.engine, retention_days, pipeline.pacs is not None, live],
-            max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.UTC))
-        self.scheduler.add_job(
-            sweep_orphans, "interval", seconds=retention_interval_seconds, id=SWEEP,
-            args=[pipeline.engine, pipeline.spool, orphan_grace_seconds],
-            max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.UTC))
-        if pacs_echo is not None:  # reported by /readyz and /metrics; never stops the worker
+        if "receive" in roles:
+            self.scheduler.add_job(
+                apply_retention, "interval", seconds=retention_interval_seconds, id=RETENTION,
+                args=[engine, retention_days, pipeline.pacs is not None, live],
+                max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.UTC))
+            self.scheduler.add_job(
+                sweep_orphans, "interval", seconds=retention_interval_seconds, id=SWEEP,
+                args=[engine, pipeline.spool, orphan_grace_seconds],
+                max_instances=1, coalesce=True, next_run_time=dt.datetime.now(dt.UTC))
+        if pacs_echo is not None and "send" in roles:  # reported by /readyz and /metrics
             self.scheduler.add_job(
                 pacs_echo, "interval", seconds=pacs_echo_seconds, id=PACS_ECHO, max_instances=1,
                 coalesce=True, next_run_time=dt.datetime.now(dt.UTC))
 
     @property
+    def process(self) -> Loop | None:
+        """The first scoring loop (None without the process role)."""
+        return self.processors[0] if self.processors else None
+
+    @property
     def loops(self) -> list[Loop]:
-        return [self.process, *(loop for loop in (self.send, self.hl7) if loop is not None)]
+        return [*self.processors, *(loop for loop in (self.send, self.hl7) if loop is not None)]
 
     def start(self) -> None:
         self.scheduler.start()
         for loop in self.loops:
             loop.start()
+        if self.notifications is not None:
+            self.notifications.start()
 
     def wake(self) -> None:
-        """Score now (called from the C-STORE handler's thread)."""
-        self.process.wake()
+        """Score now (called from the C-STORE handler's thread): wake one idle scoring loop;
+        when none is idle, every loop goes round once more after its job."""
+        for loop in self.processors:
+            if loop.idle:
+                loop.wake()
+                return
+        for loop in self.processors:
+            loop.wake()
+
+    def wake_role(self, payload: str) -> None:
+        """A notification: ``process`` wakes a scoring loop, ``send`` the senders."""
+        if payload == "process":
+            self.wake()
+        elif payload == "send":
+            for loop in (self.send, self.hl7):
+                if loop is not None:
+                    loop.wake()
 
     def stop(self, deadline: float, send_grace: float = 1.0) -> bool:
         """Stop by ``deadline`` (a ``time.monotonic()``): no job starts any more; the send in
@@ -267,6 +382,8 @@ class Jobs:
         """
         for loop in self.loops:
             loop.stop()
+        if self.notifications is not None:
+            self.notifications.stop()
         # not waited for: retention and the sweep are short; a C-ECHO to a PACS that hangs is
         # the caller's to abort (send.OUTBOUND)
         self.scheduler.shutdown(wait=False)
@@ -277,6 +394,8 @@ class Jobs:
         # the association kept open to the PACS: released (aborted if it does not answer)
         self.pipeline.close_sends(min(1.0, max(deadline - time.monotonic(), 0.0)))
         ended = [loop.join(deadline - time.monotonic()) for loop in self.loops]
+        if self.pipeline.workers is not None:  # the worker processes end after their job
+            self.pipeline.workers.shutdown()
         for loop, done in zip(self.loops, ended, strict=True):
             if not done:
                 logger.warning("shutdown: the %s job did not finish in time; its lease is given "

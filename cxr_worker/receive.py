@@ -37,10 +37,8 @@ earlier). A deflated data set is inflated piece by piece and only its header kep
 
 from __future__ import annotations
 
-import datetime as dt
 import io
 import logging
-import re
 import threading
 import zlib
 from collections.abc import Callable
@@ -57,18 +55,15 @@ from pynetdicom import ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    DigitalXRayImageStorageForProcessing,
-    SecondaryCaptureImageStorage,
     Verification,
 )
 from sqlalchemy import Engine
 
-from cxr_worker import listener, sizes
+from cxr_worker import listener, sizes, sop_classes
 from cxr_worker.errors import LimitExceededError, SpoolError, UIDConflictError
-from cxr_worker.spool import Spool, atomic_write, is_valid_uid
+from cxr_worker.spool import Spool, atomic_write
 from cxr_worker.worklist import queue
+from cxr_worker.worklist.header import InstanceHeader, invalid_uids
 
 logger = logging.getLogger(__name__)
 
@@ -111,15 +106,9 @@ STORE_STATUSES: dict[int, str] = {
                                "`limits.max_inflated_bytes`; nothing is written",
 }
 
-ACCEPTED_STORAGE = (
-    ComputedRadiographyImageStorage,
-    DigitalXRayImageStorageForPresentation,
-    SecondaryCaptureImageStorage,
-)
-# accepted only when the setting named here is true: raw detector data
-OPTIONAL_STORAGE: dict[str, str] = {
-    DigitalXRayImageStorageForProcessing: "listener.accept_dx_for_processing",
-}
+# the radiographs accepted (the gate scores the same): :mod:`cxr_worker.sop_classes`
+ACCEPTED_STORAGE = sop_classes.ACCEPTED
+OPTIONAL_STORAGE = sop_classes.OPTIONAL  # only when the setting named is true: raw data
 # the default advertised maximum PDU length (``listener.max_pdu_bytes``): bounded, so that a
 # peer cannot make the listener buffer an arbitrarily large PDU, yet large enough that a
 # 10 MB image is ten P-DATA PDUs
@@ -143,9 +132,7 @@ class ListenerConfig:
 
 
 def storage_classes(cfg: ListenerConfig) -> tuple[str, ...]:
-    enabled = {"listener.accept_dx_for_processing": cfg.accept_dx_for_processing}
-    extra = tuple(c for c, setting in OPTIONAL_STORAGE.items() if enabled[setting])
-    return tuple(str(c) for c in ACCEPTED_STORAGE + extra)
+    return sop_classes.accepted(cfg.accept_dx_for_processing)
 
 
 def transfer_syntaxes() -> list[str]:
@@ -297,8 +284,6 @@ def _peer(event: Any) -> str:
     return f"{getattr(requestor, 'address', '?')}:{getattr(requestor, 'port', '?')}"
 
 
-UID_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-
 # Stores of one SOP Instance UID run one at a time (a modality re-sending on several
 # associations at once): the conflict check, the file and the row stay together. Striped, so
 # the table stays bounded; two UIDs sharing a stripe only wait for each other.
@@ -307,54 +292,6 @@ _UID_LOCKS = tuple(threading.Lock() for _ in range(256))
 
 def _uid_lock(sop_uid: str) -> threading.Lock:
     return _UID_LOCKS[zlib.crc32(sop_uid.encode("ascii", "replace")) % len(_UID_LOCKS)]
-
-
-_DA = re.compile(r"(\d{4})(\d{2})(\d{2})")
-_TM = re.compile(r"(\d{2})(\d{2})?(\d{2})?(?:\.\d{1,6})?")
-
-
-def _raw_text(ds: Dataset, keyword: str) -> str:
-    """An element's text as received, without pydicom converting it (an invalid DA or TM
-    would warn, from every association thread, and the warning would quote the value)."""
-    elem = ds.get_item(keyword)
-    value = elem.value if elem is not None else None
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    return str(value or "").strip(" \x00")
-
-
-def study_datetime(ds: Dataset) -> str | None:
-    """Study Date + Study Time as ``YYYY-MM-DDTHH:MM:SS`` (the modality's local time, no
-    zone), or None when the Study Date is absent or not a real date. A Study Time that is
-    absent or invalid counts as midnight; ``HH`` and ``HHMM`` (PS3.5 TM) are completed
-    with zeros. Only digits leave this function: the values came from the sender."""
-    date = _DA.fullmatch(_raw_text(ds, "StudyDate"))
-    if date is None:
-        return None
-    try:
-        day = dt.date(int(date[1]), int(date[2]), int(date[3]))
-    except ValueError:
-        return None
-    tm = _TM.fullmatch(_raw_text(ds, "StudyTime"))
-    hms = (0, 0, 0)
-    if tm is not None:
-        h, m, sec = (int(x) if x else 0 for x in tm.groups())
-        if h < 24 and m < 60 and sec < 60:  # 60: a leap second, shown as :59
-            hms = (h, m, sec)
-        elif h < 24 and m < 60 and sec == 60:
-            hms = (h, m, 59)
-    return dt.datetime.combine(day, dt.time(*hms)).isoformat()
-
-
-def invalid_uids(ds: Dataset) -> list[str]:
-    """The UID attributes of ``ds`` that are missing or not valid UIDs (keywords only: the
-    values came from the peer and may be anything)."""
-    bad = []
-    for keyword in UID_KEYWORDS:
-        value = ds.get(keyword)
-        if value is None or not isinstance(value, str) or not is_valid_uid(str(value)):
-            bad.append(keyword)
-    return bad
 
 
 def handle_store(event: Any, engine: Engine, spool: Spool, on_stored: Callable[[], None],
@@ -376,12 +313,7 @@ def handle_store(event: Any, engine: Engine, spool: Spool, on_stored: Callable[[
         if bad:
             logger.warning("C-STORE refused: %s missing or not a valid UID", ", ".join(bad))
             return STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS
-        sop_uid = str(ds.SOPInstanceUID)
-        study_uid = str(ds.StudyInstanceUID)
-        series_uid = str(ds.SeriesInstanceUID)
-        accession = str(ds.get("AccessionNumber", "") or "")[:16]
-        study_when = study_datetime(ds)
-        key = queue.patient_key(sop_uid, str(ds.get("PatientID", "") or ""))
+        header = InstanceHeader.from_dataset(ds, str(event.request.AffectedSOPClassUID))
     except LimitExceededError as exc:  # a deflated data set inflating past the limit
         logger.warning("C-STORE from %s refused (0x%04X): %s", _peer(event),
                        STATUS_INFLATES_TOO_LARGE, exc.reason)
@@ -389,30 +321,20 @@ def handle_store(event: Any, engine: Engine, spool: Spool, on_stored: Callable[[
     except Exception:
         logger.exception("C-STORE refused: cannot parse the data set")
         return STATUS_CANNOT_UNDERSTAND
-    refused = _pixel_refusal(ds, sop_uid, lim)
+    refused = _pixel_refusal(ds, header.sop_instance_uid, lim)
     if refused is not None:
         return refused
-    path = spool.image_path(study_uid, sop_uid)
-    values = {
-        "sop_instance_uid": sop_uid,
-        "sop_class_uid": str(event.request.AffectedSOPClassUID),
-        "study_instance_uid": study_uid,
-        "series_instance_uid": series_uid,
-        "accession_number": accession,
-        "calling_ae_title": str(event.assoc.requestor.ae_title).strip(),
-        "transfer_syntax_uid": str(event.file_meta.TransferSyntaxUID),
-        "spool_path": str(path),
-        "patient_key": key,
-        "study_datetime": study_when,
-    }
+    path = spool.image_path(header.study_instance_uid, header.sop_instance_uid)
+    values = header.row_values(
+        calling_ae_title=str(event.assoc.requestor.ae_title).strip(),
+        transfer_syntax_uid=str(event.file_meta.TransferSyntaxUID), spool_path=str(path))
     status = _spool_and_record(event, engine, path, values)
     if status == STATUS_SUCCESS:
         on_stored()
     return status
 
 
-def _spool_and_record(event: Any, engine: Engine, path: Path,
-                      values: dict[str, str | None]) -> int:
+def _spool_and_record(event: Any, engine: Engine, path: Path, values: dict[str, Any]) -> int:
     sop_uid = str(values["sop_instance_uid"])
     try:
         with _uid_lock(sop_uid):

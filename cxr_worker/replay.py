@@ -31,14 +31,17 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from cxr_worker import inputs, logs
-from cxr_worker.errors import UIDConflictError
-from cxr_worker.receive import invalid_uids
+from cxr_worker.compose import build_pipeline, load_scorer, open_worklist
+from cxr_worker.errors import ConfigError, UIDConflictError
 from cxr_worker.settings import Settings
 from cxr_worker.spool import Spool, atomic_write
 from cxr_worker.worklist import control, deliveries, queue
+from cxr_worker.worklist.header import InstanceHeader, invalid_uids
 from cxr_worker.worklist.models import Instance
 
 logger = logging.getLogger(__name__)
+
+REPLAY_AE_TITLE = "REPLAY"  # the calling AE title a replayed file is recorded with
 
 
 def _given_files(paths: list[Path], notify: Callable[[str], None]) -> list[Path]:
@@ -58,24 +61,18 @@ def _enqueue_file(engine: Engine, spool: Spool, path: Path) -> tuple[int | None,
         if bad:
             return None, {"path": str(path), "status": "error",
                           "reason": f"{', '.join(bad)} missing or not a valid UID"}
-        sop_uid, study_uid = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
-        series_uid = str(ds.SeriesInstanceUID)
-        key = queue.patient_key(sop_uid, str(ds.get("PatientID", "") or ""))
+        header = InstanceHeader.from_dataset(ds)
     except (InvalidDicomError, AttributeError, EOFError, ValueError, KeyError) as exc:
         return None, {"path": str(path), "status": "error", "reason": f"not a DICOM image: {exc}"}
-    dest = spool.image_path(study_uid, sop_uid)
+    dest = spool.image_path(header.study_instance_uid, header.sop_instance_uid)
     data = path.read_bytes()
 
     def write(f: BinaryIO) -> None:
         f.write(data)
 
-    values: dict[str, Any] = {
-        "sop_instance_uid": sop_uid, "sop_class_uid": str(ds.SOPClassUID),
-        "study_instance_uid": study_uid, "series_instance_uid": series_uid,
-        "accession_number": str(ds.get("AccessionNumber", "") or "")[:16],
-        "calling_ae_title": "REPLAY", "spool_path": str(dest),
-        "transfer_syntax_uid": str(ds.file_meta.get("TransferSyntaxUID", "")),
-        "patient_key": key}
+    values = header.row_values(
+        calling_ae_title=REPLAY_AE_TITLE, spool_path=str(dest),
+        transfer_syntax_uid=str(ds.file_meta.get("TransferSyntaxUID", "")))
     try:
         queue.check_conflict(engine, **values)  # before the file held is replaced
         atomic_write(dest, write)
@@ -142,9 +139,6 @@ def _drain(pipeline: Any, ids: list[int]) -> None:
 def run(s: Settings, *, paths: list[Path], study: str | None, since: dt.datetime | None,
         dry_run: bool, send: bool,
         notify: Callable[[str], None] = logger.warning) -> list[dict[str, Any]]:
-    from cxr_worker.errors import ConfigError
-    from cxr_worker.service import build_pipeline, load_scorer, open_worklist
-
     if not (paths or study or since):
         raise ConfigError("replay needs FILE|DIR, --study UID or --since TIME")
     files = _given_files(paths, notify) if paths else []

@@ -45,12 +45,12 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DA, TM
 
-from cxr_worker import __version__
+from cxr_worker import __version__, sop_classes
 from cxr_worker.labels import Label, Population, format_probability, format_threshold
 
 logger = logging.getLogger(__name__)
 
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+SECONDARY_CAPTURE = sop_classes.SECONDARY_CAPTURE  # the result's SOP class
 UTF8 = "ISO_IR 192"
 MAX_SIDE = 1024
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
@@ -141,7 +141,7 @@ def result_series_instance_uid(prefix: str, study_uid: str, model_version: str) 
     return str(generate_uid(prefix, entropy_srcs=[study_uid, model_version, "series"]))
 
 
-def banner_lines(label: str, population_text: str, probability: float, threshold: float,
+def banner_lines(label: Label, population_text: str, probability: float, threshold: float,
                  model_version: str, *, threshold_source: str = "model card",
                  heatmap: bool = False) -> list[str]:
     """The banner, top to bottom: the label and the population (the two headline lines, as
@@ -305,7 +305,7 @@ def build_secondary_capture(
     display: NDArray[np.floating],
     *,
     probability: float,
-    label: str,
+    label: Label,
     threshold: float,
     model_version: str,
     cfg: ReportConfig,

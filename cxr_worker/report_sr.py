@@ -75,14 +75,17 @@ from pydicom.sr.coding import Code
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DA, TM
 
-from cxr_worker import __version__
+from cxr_worker import __version__, sop_classes
 from cxr_worker.labels import Label, Population
 from cxr_worker.report import MODEL_NAME, NOT_FOR_DIAGNOSTIC_USE, ReportConfig, result_character_set
 
 logger = logging.getLogger(__name__)
 
-COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
+COMPREHENSIVE_3D_SR = sop_classes.COMPREHENSIVE_3D_SR  # the SR's SOP class
+KEY_OBJECT_SELECTION = sop_classes.KEY_OBJECT_SELECTION  # the rejection note's
+# each result's Series Number: ``report.series_number`` (the Secondary Capture's) + this
+SR_SERIES_OFFSET = 1
+KOS_SERIES_OFFSET = 2
 SR_SERIES_DESCRIPTION = "AI triage result: pneumonia, structured report (cxr-worker)"
 KOS_SERIES_DESCRIPTION = "AI triage result: rejection notes (cxr-worker)"
 REJECTED_FOR_QUALITY_REASONS = codes.DCM.RejectedForQualityReasons  # 113001
@@ -136,7 +139,7 @@ class ResultReference:
 
 
 def decision_uid(prefix: str, kind: str, *, source_sop_uid: str, model_version: str,
-                 label: str, threshold: float) -> str:
+                 label: Label, threshold: float) -> str:
     """A result object's SOP Instance UID: the same for the same source image, model version,
     object kind (``"sr"``, ``"sc"``, ...) and decision (label and the exact threshold), and a
     new one when any of them changes."""
@@ -144,7 +147,7 @@ def decision_uid(prefix: str, kind: str, *, source_sop_uid: str, model_version: 
         source_sop_uid, model_version, kind, str(label), repr(float(threshold))]))
 
 
-def sr_sop_instance_uid(prefix: str, source_sop_uid: str, model_version: str, label: str,
+def sr_sop_instance_uid(prefix: str, source_sop_uid: str, model_version: str, label: Label,
                         threshold: float) -> str:
     return decision_uid(prefix, "sr", source_sop_uid=source_sop_uid,
                         model_version=model_version, label=label, threshold=threshold)
@@ -253,7 +256,7 @@ def build_sr(
     source: Dataset,
     *,
     probability: float,
-    label: str,
+    label: Label,
     threshold: float,
     model_version: str,
     population: str,
@@ -338,7 +341,8 @@ def build_sr(
         content=report,
         series_instance_uid=sr_series_instance_uid(
             cfg.uid_prefix, str(source.StudyInstanceUID), model_version),
-        series_number=cfg.series_number + 1 if series_number is None else series_number,
+        series_number=(cfg.series_number + SR_SERIES_OFFSET if series_number is None
+                       else series_number),
         sop_instance_uid=uid,
         instance_number=1,
         manufacturer=cfg.manufacturer,
@@ -438,7 +442,8 @@ def build_rejection_note(
     kos = hd.ko.KeyObjectSelectionDocument(
         evidence=evidence, content=content,
         series_instance_uid=kos_series_instance_uid(cfg.uid_prefix, study_uid),
-        series_number=cfg.series_number + 2 if series_number is None else series_number,
+        series_number=(cfg.series_number + KOS_SERIES_OFFSET if series_number is None
+                       else series_number),
         sop_instance_uid=uid, instance_number=1, manufacturer=cfg.manufacturer,
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=KOS_SERIES_DESCRIPTION, manufacturer_model_name=MODEL_NAME,

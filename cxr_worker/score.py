@@ -16,6 +16,10 @@ are for training, evaluation and Grad-CAM.
   :meth:`Scorer.heatmap` turns it into Grad-CAM in NumPy (:mod:`cxr_worker.model.heatmap`)
   without a second inference (:meth:`Scorer.score_and_heatmap` does both).
 
+:meth:`Scorer.score_dataset` is the one path from a DICOM data set to a score (the display
+image at the resolution asked for, each member's input, the score): the service, ``score``,
+``calibrate`` and ``replay`` all go through it, so they give the same scores.
+
 The threshold in force, by precedence: ``[model] threshold`` in the settings (an explicit
 override), else the site threshold recorded by ``cxr-worker calibrate --apply`` for this model
 version, else the model card's. :attr:`Scorer.threshold_source` names it in every output.
@@ -25,12 +29,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
+from pydicom.dataset import Dataset
 
+from cxr_worker import decode
 from cxr_worker.errors import ModelIntegrityError
 from cxr_worker.labels import Label, format_threshold
 from cxr_worker.model import card as model_card
@@ -46,7 +54,7 @@ SHIPPED_MODEL_DIR = Path(__file__).parent / "model" / "shipped"
 @dataclass(frozen=True)
 class Score:
     probability: float  # calibrated
-    label: str
+    label: Label
     threshold: float
     model_version: str
     raw: float = float("nan")  # the networks' combined sigmoid output, before calibration
@@ -68,6 +76,25 @@ class Prepared:
 
     by_version: dict[int, NDArray[np.float32]]
     features: dict[int, NDArray[np.float32]] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One data set as :meth:`Scorer.score_dataset` saw it: the display image it was decoded
+    to (what the Secondary Capture draws), each member's input (with the feature maps the
+    score kept, for :meth:`Scorer.heatmap`) and the score."""
+
+    display: decode.DisplayImage
+    prepared: Prepared
+    score: Score
+
+
+StageTimer = Callable[[str], AbstractContextManager[object]]
+"""``timer("decode")`` times a block (e.g. :meth:`cxr_worker.metrics.Metrics.stage`)."""
+
+
+def _untimed(_stage: str) -> AbstractContextManager[object]:
+    return nullcontext()
 
 
 def _version(member: dict[str, object]) -> int:
@@ -166,11 +193,30 @@ class Scorer:
         raw = self.raw_score(prepared)
         p = self.calibration.one(raw)
         label = Label.SUSPECTED if p >= self.threshold else Label.NEGATIVE
-        return Score(p, str(label), self.threshold, self.model_version, raw,
+        return Score(p, label, self.threshold, self.model_version, raw,
                      self.threshold_source)
 
     def score_grey(self, grey: NDArray[np.floating] | NDArray[np.integer]) -> Score:
         return self.score(self.prepare(grey))
+
+    def score_dataset(self, ds: Dataset, *,
+                      need: decode.Need | None = decode.FOR_SCORE_AND_REPORT,
+                      timer: StageTimer = _untimed) -> Scored:
+        """Decode ``ds``'s pixels to the display image (only the resolution ``need`` asks
+        for: :data:`~cxr_worker.decode.FOR_SCORE_AND_REPORT`, the service's, by default),
+        prepare each member's input and score it. ``timer("decode")`` wraps the decoding and
+        the preparation, ``timer("score")`` the inference.
+
+        Raises :class:`~cxr_worker.errors.DecodeError` (from the decoding only) for pixels
+        that cannot be shown. The heatmap stays apart (:meth:`heatmap` of
+        :attr:`Scored.prepared`): it reuses this inference's feature maps.
+        """
+        with timer("decode"):
+            display = decode.display_image(ds, need=need)
+            prepared = self.prepare(display)
+        with timer("score"):
+            score = self.score(prepared)
+        return Scored(display, prepared, score)
 
     def heatmap(self, prepared: Prepared, size: int = INPUT_SIZE
                 ) -> NDArray[np.float32] | None:

@@ -31,11 +31,13 @@ import ssl
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import A_P_ABORT
 from pynetdicom.sop_class import (  # type: ignore
@@ -259,9 +261,22 @@ def _store_contexts(ds: Dataset) -> list[tuple[str, list[str]]]:
     return contexts
 
 
-def _c_store(assoc: Any, peer: Peer, ds: Dataset) -> Dataset:
-    """The C-STORE response (an empty data set: none, the association ended meanwhile)."""
+# A result sent from its file (:meth:`Sender.store` with ``path``) goes out as the file's
+# bytes, read in chunks: not decoded and encoded again (pynetdicom's setting, process-wide;
+# a Dataset is sent as before)
+_config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def _c_store(assoc: Any, peer: Peer, ds: Dataset, path: Path | None = None) -> Dataset:
+    """The C-STORE response (an empty data set: none, the association ended meanwhile).
+    With ``path`` (the file ``ds``, its header, was read from), the file's bytes are sent as
+    they are when the PACS accepted the file's transfer syntax; else ``ds`` re-encoded."""
     try:
+        if path is not None and _accepts(assoc, ds, path):
+            sent: Dataset = assoc.send_c_store(path)
+            return sent
+        if path is not None and "PixelData" not in ds:  # only the header was read
+            ds = dcmread(path)
         status: Dataset = assoc.send_c_store(ds)
         return status
     except ValueError as exc:  # pynetdicom: no accepted context for the class
@@ -269,6 +284,14 @@ def _c_store(assoc: Any, peer: Peer, ds: Dataset) -> Dataset:
                         f"no presentation context for {ds.SOPClassUID}") from exc
     except RuntimeError:  # pynetdicom: the association ended before the request was sent
         return Dataset()
+
+
+def _accepts(assoc: Any, ds: Dataset, path: Path) -> bool:
+    """Whether an accepted context carries ``ds``'s class in its file's transfer syntax."""
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    return syntax is not None and any(
+        c.abstract_syntax == ds.SOPClassUID and c.transfer_syntax[0] == syntax
+        for c in assoc.accepted_contexts)
 
 
 def _check_stored(peer: Peer, ds: Dataset, status: Dataset | None) -> None:
@@ -329,14 +352,15 @@ class Sender:
         C-STORE replaces them)."""
         return self._assoc
 
-    def store(self, ds: Dataset) -> None:
-        """As :func:`store`, over the kept association."""
+    def store(self, ds: Dataset, path: Path | None = None) -> None:
+        """As :func:`store`, over the kept association; with ``path``, ``ds`` may be only
+        the header of the file at ``path``, which is sent as it is (see :func:`_c_store`)."""
         _store_contexts(ds)
         with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
             try:
-                status = self._store(ds)
+                status = self._store(ds, path)
             finally:
                 self._last_used = time.monotonic()
                 if self._assoc is not None and self.idle_release_seconds > 0:
@@ -353,7 +377,7 @@ class Sender:
         self.opened += 1
         return self._assoc
 
-    def _store(self, ds: Dataset) -> Dataset:
+    def _store(self, ds: Dataset, path: Path | None = None) -> Dataset:
         if self.outbound.refusing:  # the kept association may not have ended yet
             raise SendError("not sending: the worker is shutting down")
         assoc = self._assoc
@@ -365,7 +389,7 @@ class Sender:
                 self._end(release=False)
             assoc = self._open()
         started = time.monotonic()
-        status = _c_store(assoc, self.peer, ds)
+        status = _c_store(assoc, self.peer, ds, path)
         if "Status" not in status:  # no answer: the association is not to be used again
             self._end(release=False, abort=True)
             if (reused and not self.outbound.refusing
@@ -374,7 +398,7 @@ class Sender:
                             "sending %s again on a new one", self.peer.ae_title,
                             ds.SOPInstanceUID)
                 assoc = self._open()
-                status = _c_store(assoc, self.peer, ds)
+                status = _c_store(assoc, self.peer, ds, path)
                 if "Status" not in status:
                     self._end(release=False, abort=True)
         elif not assoc.is_established:

@@ -1,4 +1,4 @@
-"""``cxr-worker serve``: the composition root of the running service.
+"""``cxr-worker serve``: the running service (what it runs is built by :mod:`cxr_worker.compose`).
 
 Start-up order: settings (already read) -> database (migrations) -> model (hash check,
 warm-up) -> scheduler -> listener. Only when the model is ready does the listener accept
@@ -9,201 +9,36 @@ within about 4 s whatever the peers do.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine
-
-from cxr_worker import gate, health, receive, report, send, sizes, tls
+from cxr_worker import health, receive, send, tls
+from cxr_worker.compose import (
+    build_pipeline,
+    listener_config,
+    load_scorer,
+    open_worklist,
+    pacs_peer,
+    prepare_data_dir,
+    size_limits,
+)
 from cxr_worker.errors import StartupError
+from cxr_worker.heap import raise_mmap_threshold
 from cxr_worker.http import HttpServer
 from cxr_worker.jobs import Jobs
 from cxr_worker.lifecycle import wait_for_stop_signal
 from cxr_worker.metrics import Metrics
-from cxr_worker.model import card as model_card
-from cxr_worker.pipeline import Outputs, Pipeline
-from cxr_worker.score import SHIPPED_MODEL_DIR, Scorer, ThresholdChoice
-from cxr_worker.settings import Settings, hl7_config
-from cxr_worker.spool import Spool
-from cxr_worker.worklist import deliveries, queue, schema, site
+from cxr_worker.pipeline import Pipeline
+from cxr_worker.processing import synthetic_source
+from cxr_worker.settings import Settings, job_roles, worker_count
+from cxr_worker.worklist import deliveries, queue
 
 logger = logging.getLogger(__name__)
-
-
-def listener_config(s: Settings) -> receive.ListenerConfig:
-    li = s.listener
-    return receive.ListenerConfig(
-        li.ae_title, tuple(li.allowed_calling_ae_titles), li.accept_dx_for_processing,
-        max_pdu_bytes=li.max_pdu_bytes, max_associations=li.max_associations,
-        max_associations_per_host=li.max_associations_per_host,
-        network_timeout_seconds=li.network_timeout_seconds,
-        acse_timeout_seconds=li.acse_timeout_seconds,
-        dimse_timeout_seconds=li.dimse_timeout_seconds,
-        check_called_ae_title=li.check_called_ae_title)
-
-
-def gate_config(s: Settings) -> gate.GateConfig:
-    return gate.GateConfig(
-        accept_dx_for_processing=s.listener.accept_dx_for_processing,
-        require_body_part_chest=s.gate.require_body_part_chest,
-        allow_missing_body_part=s.gate.allow_missing_body_part,
-        view_positions=tuple(v.upper() for v in s.gate.view_positions),
-        allow_missing_view_position=s.gate.allow_missing_view_position,
-        min_age_years=s.gate.min_age_years,
-        max_age_years=s.gate.max_age_years,
-        refuse_outside_age_range=s.gate.refuse_outside_age_range,
-        refuse_unknown_age=s.gate.refuse_unknown_age,
-        uid_prefix=s.report.uid_prefix,
-        manufacturer=s.report.manufacturer,
-        series_number=s.report.series_number,
-    )
-
-
-def report_config(s: Settings) -> report.ReportConfig:
-    return report.ReportConfig(s.report.uid_prefix, s.report.series_number,
-                               s.report.manufacturer, heatmap=s.report.heatmap)
-
-
-def pacs_peer(s: Settings) -> send.Peer | None:
-    """The PACS (over TLS with ``pacs.tls``); None when none is configured."""
-    return tls.pacs_peer(s)
-
-
-def model_dir(s: Settings) -> Path:
-    """The model folder (``model.path``, else the bundled model), checked to be one: a folder
-    holding ``model_card.json``. Raises :class:`StartupError` naming ``model.path``."""
-    if not s.model.path:
-        return SHIPPED_MODEL_DIR
-    path = Path(s.model.path).expanduser()
-    fix = f"set model.path to the folder that holds {model_card.CARD_FILE} and the .tflite file(s)"
-    if path.is_file():
-        raise StartupError(f"model.path {path}: is a file, not the model folder: {fix} "
-                           f"(here perhaps {path.parent})")
-    if not path.is_dir():
-        raise StartupError(f"model.path {path}: no such folder: {fix}")
-    if not (path / model_card.CARD_FILE).is_file():
-        raise StartupError(f"model.path {path}: no {model_card.CARD_FILE} in this folder: {fix}")
-    return path
-
-
-def _unloadable_member(folder: Path, card: dict[str, Any]) -> str:
-    """The first member file LiteRT cannot load (the error path of :func:`load_scorer`)."""
-    from cxr_worker.model.runtime import TFLiteScorer
-
-    for m in model_card.members(card):
-        try:
-            TFLiteScorer(folder / str(m["tflite"]), num_threads=1)
-        except (ValueError, RuntimeError):
-            return str(m["tflite"])
-    return "the model"
-
-
-def load_scorer(s: Settings, engine: Engine | None = None) -> Scorer:
-    """The model, with the threshold in force: ``[model] threshold`` if set, else the site
-    threshold recorded by ``calibrate --apply`` for this model version (looked up in
-    ``engine``'s worklist), else the model card's.
-
-    A model folder that is not one, or whose files LiteRT cannot load although their sha256
-    matches the card, raises :class:`StartupError` naming ``model.path`` and the file; a file
-    whose sha256 differs stays a :class:`~cxr_worker.errors.ModelIntegrityError`."""
-    folder = model_dir(s)
-    try:
-        scorer = Scorer(folder, s.model.threshold, s.model.num_threads)
-    except (ValueError, RuntimeError) as exc:  # LiteRT: "not a valid Flatbuffer buffer", ...
-        key = f"model.path {folder}" if s.model.path else f"the bundled model {folder}"
-        bad = _unloadable_member(folder, model_card.load_card(folder))
-        fix = ("point model.path at a model folder written by 'cxr-worker train'"
-               if s.model.path else "reinstall cxr-worker")
-        raise StartupError(f"{key}: {bad} cannot be loaded although its sha256 matches the "
-                           f"card ({exc}): {fix}") from exc
-    if s.model.threshold is None and engine is not None:
-        row = site.latest(engine, scorer.model_version)
-        if row is not None:
-            scorer.use_threshold(ThresholdChoice(row.threshold, site.describe(row)))
-    return scorer
-
-
-def prepare_data_dir(s: Settings) -> Path:
-    """Create ``storage.data_dir`` and check that this user can write it; raises
-    :class:`StartupError` naming the key otherwise."""
-    path = s.data_dir
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        raise StartupError(
-            f"storage.data_dir {path}: cannot create or write it ({exc.strerror}): create it "
-            "writable for the worker's user, or set storage.data_dir "
-            "(CXR_WORKER__STORAGE__DATA_DIR) to a folder it can write") from exc
-    return path
-
-
-def open_worklist(s: Settings, migrate: bool = False) -> Engine:
-    """The worklist database (created under ``storage.data_dir`` unless ``database.url``)."""
-    if not s.database.url:
-        prepare_data_dir(s)
-    return schema.open_database(s.database_url, migrate=migrate)
-
-
-def existing_worklist(s: Settings) -> Engine | None:
-    """The worklist's engine if it exists already (one-shot commands never create one)."""
-    with schema.named_errors(s.database_url):  # "not a URL" named like start-up does
-        missing = schema.not_created(s.database_url)
-    return None if missing else open_worklist(s)
-
-
-def size_limits(s: Settings) -> sizes.Limits:
-    """``[limits]``: the sizes the listener and the decoder refuse (issue 10)."""
-    li = s.limits
-    return sizes.Limits(max_dataset_bytes=li.max_dataset_bytes,
-                         max_decoded_bytes=li.max_decoded_bytes,
-                         max_inflated_bytes=li.max_inflated_bytes)
-
-
-def build_pipeline(s: Settings, scorer: Scorer, engine: Engine, *,
-                   hold_results: bool = False, only_ids: set[int] | None = None,
-                   metrics: Metrics | None = None) -> Pipeline:
-    """The pipeline; also sets this process's decode limits (``[limits]``, process-wide:
-    the pipeline calls :mod:`cxr_worker.decode` without them; :mod:`cxr_worker.sizes`)."""
-    sizes.set_limits(size_limits(s))
-    retry = queue.RetryPolicy(s.jobs.lease_seconds, s.jobs.max_attempts,
-                              s.jobs.retry_base_seconds, s.jobs.retry_max_seconds)
-    return Pipeline(engine=engine, spool=Spool(s.data_dir), scorer=scorer,
-                    gate_cfg=gate_config(s), report_cfg=report_config(s), retry=retry,
-                    pacs=pacs_peer(s), hold_results=hold_results, only_ids=only_ids,
-                    metrics=metrics, outputs=outputs_config(s))
-
-
-def outputs_config(s: Settings) -> Outputs:
-    """``[outputs]`` and ``[hl7]``: what is built and where each goes."""
-    return Outputs(delivered=s.delivered_kinds,
-                   hl7=hl7_config(s) if "hl7" in s.delivered_kinds else None)
-
-
-M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-def raise_mmap_threshold(nbytes: int = 256 * 2**20) -> bool:
-    """Let glibc serve 10 MB receive buffers from the heap instead of a fresh mmap each.
-
-    Measured on this kind of machine (PERF-NOTES): every 10 MB image otherwise costs ~2,500
-    page faults; raising the threshold lifted pynetdicom's writing receive from 18 to 24
-    images/s. Same effect as ``MALLOC_MMAP_THRESHOLD_``, set from inside the process.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
-    except (OSError, AttributeError):  # not glibc
-        return False
 
 
 def _listener_error(s: Settings, exc: OSError) -> StartupError:
@@ -252,7 +87,12 @@ def start_http(s: Settings, readiness: health.Readiness, metrics: Metrics) -> Ht
 
 
 def serve(s: Settings, migrate: bool = True) -> int:
+    """Run the worker until SIGTERM/SIGINT, in the roles of ``jobs.role``: ``receive`` (the
+    DICOM listener, retention and the orphan sweep), ``process`` (``jobs.workers`` worker
+    processes scoring), ``send`` (the deliveries, the PACS C-ECHO); ``all`` by default.
+    Processes with other roles share the worklist (PostgreSQL) and ``storage.data_dir``."""
     t0 = time.monotonic()
+    roles = job_roles(s)
     raise_mmap_threshold()
     prepare_data_dir(s)
     listener_tls = tls.server_context(s.listener)  # TLS files checked before anything starts
@@ -263,7 +103,10 @@ def serve(s: Settings, migrate: bool = True) -> int:
     scorer = readiness.scorer = load_scorer(s, engine)
     warm = scorer.warm_up()
     metrics.set_model(scorer.model_version, scorer.threshold)
-    pipeline = build_pipeline(s, scorer, engine, metrics=metrics)
+    workers = worker_count(s) if "process" in roles else 1
+    pipeline = build_pipeline(s, scorer, engine, metrics=metrics, workers=workers)
+    if "process" in roles:  # the worker processes started, the first result's costs paid
+        warm += pipeline.warm_up(synthetic_source())
     readiness.spool_dir = pipeline.spool.spool_dir
     peer = pacs_peer(s)
     readiness.pacs = health.PacsEcho(peer) if peer is not None else None
@@ -271,36 +114,43 @@ def serve(s: Settings, migrate: bool = True) -> int:
     jobs = Jobs(pipeline, s.jobs.poll_seconds, s.storage.retention_days,
                 s.jobs.retention_interval_seconds,
                 pacs_echo=readiness.pacs.run if readiness.pacs is not None else None,
-                orphan_grace_seconds=s.jobs.orphan_grace_seconds)
+                orphan_grace_seconds=s.jobs.orphan_grace_seconds, roles=roles)
+    readiness.wake = jobs.wake_role
     jobs.start()
-    listener_cfg = listener_config(s)
-    ae = receive.make_ae(listener_cfg)
-    try:
-        server = ae.start_server(
-            (s.listener.host, s.listener.port), block=False, ssl_context=listener_tls,
-            evt_handlers=[*receive.handlers(pipeline.engine, pipeline.spool, jobs.wake,
-                                            size_limits(s)),
-                          *tls.listener_handlers(listener_tls)])
-    except OSError as exc:
-        pipeline.stopping.set()
-        jobs.stop(time.monotonic() + s.jobs.shutdown_grace_seconds)
-        queue.release_leases(pipeline.engine, pipeline.owner)
-        deliveries.release_leases(pipeline.engine, pipeline.owner)
-        pipeline.engine.dispose()
-        if web is not None:
-            web.stop()
-        raise _listener_error(s, exc) from exc
-    assert server is not None  # block=False returns the running server
-    host, port = server.server_address[:2]
+    server = None
+    if "receive" in roles:
+        try:
+            server = receive.make_ae(listener_config(s)).start_server(
+                (s.listener.host, s.listener.port), block=False, ssl_context=listener_tls,
+                evt_handlers=[*receive.handlers(pipeline.engine, pipeline.spool, jobs.wake,
+                                                size_limits(s)),
+                              *tls.listener_handlers(listener_tls)])
+        except OSError as exc:
+            pipeline.stopping.set()
+            jobs.stop(time.monotonic() + s.jobs.shutdown_grace_seconds)
+            queue.release_leases(pipeline.engine, pipeline.owner)
+            deliveries.release_leases(pipeline.engine, pipeline.owner)
+            pipeline.engine.dispose()
+            if web is not None:
+                web.stop()
+            raise _listener_error(s, exc) from exc
+        assert server is not None  # block=False returns the running server
+    where = (f"listening as {s.listener.ae_title} on %s:%d" % server.server_address[:2]
+             if server is not None else "not listening (no receive role)")
     logger.info(
-        "listening as %s on %s:%d; model %s (threshold %s, warm-up %.0f ms); PACS %s; "
-        "outputs %s; ready in %.1f s", s.listener.ae_title, host, port, scorer.model_version,
+        "%s; roles %s; %d worker process(es); model %s (threshold %s, warm-up %.0f ms); "
+        "PACS %s; outputs %s; ready in %.1f s", where, ",".join(sorted(roles)),
+        workers if pipeline.workers is not None else 0, scorer.model_version,
         scorer.describe_threshold(), warm * 1000,
         f"{s.pacs.ae_title}@{s.pacs.host}:{s.pacs.port}" if s.pacs_configured else
         "not configured (results stay in the worklist)",
         ", ".join(f"{k} to {f'{s.hl7.host}:{s.hl7.port}' if k == 'hl7' else 'the PACS'}"
                   for k in s.delivered_kinds) or "none delivered", time.monotonic() - t0)
-    print(f"cxr-worker ready: {s.listener.ae_title}@{host}:{port}", flush=True)
+    if server is not None:
+        host, port = server.server_address[:2]
+        print(f"cxr-worker ready: {s.listener.ae_title}@{host}:{port}", flush=True)
+    else:
+        print(f"cxr-worker ready: roles {','.join(sorted(roles))}", flush=True)
 
     wait_for_stop_signal()
     return shut_down(server, jobs, pipeline, web, s.jobs.shutdown_grace_seconds)
@@ -334,9 +184,11 @@ def shut_down(server: Any, jobs: Jobs, pipeline: Pipeline, web: HttpServer | Non
     t0 = time.monotonic()
     deadline = t0 + grace_seconds
     pipeline.stopping.set()
-    server.block_on_close = False  # its association threads are aborted below, not awaited
-    server.shutdown()  # stop accepting (the accept loop polls every 0.5 s)
-    inbound = server.active_associations
+    inbound = []
+    if server is not None:
+        server.block_on_close = False  # its association threads are aborted, not awaited
+        server.shutdown()  # stop accepting (the accept loop polls every 0.5 s)
+        inbound = server.active_associations
     for assoc in inbound:
         send.hard_abort(assoc)
     echoes = send.OUTBOUND.abort_all(refuse_new=True)

@@ -126,7 +126,15 @@ class Gate:
 
 @dataclass
 class Jobs:
-    poll_seconds: float = 0.25
+    # what this process does: all, or receive / process / send, comma-separated (scale-out:
+    # several processes on one PostgreSQL worklist and one data_dir; `serve --role` too)
+    role: str = "all"
+    # worker processes that decode and score in parallel; 0: one per core
+    workers: int = 0
+    # the longest an idle loop sleeps before it looks for work nobody woke it for (SQLite:
+    # another process's, e.g. `cxr-worker retry`; PostgreSQL notifies, and the loops look
+    # every 30 s at most); new images, results and retries due wake or time the loops
+    poll_seconds: float = 2.0
     lease_seconds: float = 120.0
     max_attempts: int = 10
     retry_base_seconds: float = 5.0
@@ -488,6 +496,12 @@ def _validate_processing(s: Settings) -> None:
         raise ConfigError(f"report.series_number: {s.report.series_number} out of range")
     if s.jobs.max_attempts < 1:
         raise ConfigError("jobs.max_attempts: must be at least 1")
+    if s.jobs.workers < 0:
+        raise ConfigError("jobs.workers: must be 0 (one per core) or more")
+    try:
+        job_roles(s)
+    except ValueError as exc:
+        raise ConfigError(f"jobs.role: {exc}") from exc
     for name in ("poll_seconds", "lease_seconds", "retry_base_seconds", "retry_max_seconds"):
         if getattr(s.jobs, name) <= 0:
             raise ConfigError(f"jobs.{name}: must be positive")
@@ -548,3 +562,29 @@ def _set(settings: Settings, section: str, key: str, value: Any, from_env: bool)
     if key not in fields:
         raise ConfigError(f"unknown key {section}.{key}")
     setattr(obj, key, _coerce(f"{section}.{key}", value, str(fields[key].type), from_env))
+
+
+ROLES = ("receive", "process", "send")
+
+
+def job_roles(s: Settings) -> frozenset[str]:
+    """``jobs.role``: ``all``, or a comma-separated set of receive, process, send; raises
+    ValueError naming what is wrong."""
+    text = s.jobs.role
+    words = {w.strip() for w in text.split(",") if w.strip()}
+    if words == {"all"}:
+        return frozenset(ROLES)
+    if not words or words - set(ROLES):
+        raise ValueError(f"{text!r} is not all, or one or more of receive, process, send "
+                         "(comma-separated)")
+    return frozenset(words)
+
+
+def worker_count(s: Settings) -> int:
+    """``jobs.workers``, 0 resolved to the cores this process may use."""
+    if s.jobs.workers:
+        return s.jobs.workers
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1

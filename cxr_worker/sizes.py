@@ -40,7 +40,7 @@ class Limits:
     """The ``[limits]`` settings (defaults equal the settings' defaults; a test checks).
 
     Process-wide (:func:`set_limits`, called by the composition root,
-    ``service.build_pipeline``): the pipeline and ``score`` call
+    ``compose.build_pipeline``): the pipeline and ``score`` call
     :func:`cxr_worker.decode.read_file` and :func:`cxr_worker.decode.display_image` without
     them; the listener gets them explicitly (``receive.handlers``).
     """

@@ -467,3 +467,37 @@ def secondary_capture(side: int = 64) -> Any:
     ds.HighBit, ds.PixelRepresentation = 7, 0
     ds.PixelData = bytes(range(256)) * (side * side // 256)
     return ds
+
+
+@pytest.fixture
+def sqlite_worklist(tmp_path: Path) -> Iterator[Any]:
+    """A migrated SQLite worklist in ``tmp_path`` (in-process pipeline tests)."""
+    from cxr_worker.worklist import queue, schema
+
+    eng = queue.make_engine(f"sqlite:///{tmp_path / 'worklist.db'}")
+    schema.upgrade(eng)
+    yield eng
+    eng.dispose()
+
+
+def spool_and_enqueue(engine: Any, spool: Any, seed: str, cls: str = "NORMAL",
+                      shape: tuple[int, int] = (256, 224)) -> str:
+    """What the C-STORE handler does with an image (a Kermany image of ``cls`` as a 12-bit
+    CR): the file, then the row. Returns its SOP Instance UID."""
+    from make_samples import upsample, wrap
+
+    from cxr_worker.model.preprocess import load_grey_image
+    from cxr_worker.spool import atomic_write
+    from cxr_worker.worklist import queue
+
+    ds = wrap(upsample(load_grey_image(kermany_files(cls, 1)[0]), *shape),
+              bits_stored=12, window=True, seed=seed)
+    path = spool.image_path(ds.StudyInstanceUID, ds.SOPInstanceUID)
+    atomic_write(path, lambda f: ds.save_as(f, enforce_file_format=True))
+    queue.enqueue(engine, sop_instance_uid=str(ds.SOPInstanceUID),
+                  sop_class_uid=str(ds.SOPClassUID),
+                  study_instance_uid=str(ds.StudyInstanceUID),
+                  series_instance_uid=str(ds.SeriesInstanceUID), accession_number="A1",
+                  calling_ae_title="MODALITY", spool_path=str(path),
+                  transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID))
+    return str(ds.SOPInstanceUID)

@@ -13,7 +13,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
 
-from cxr_worker import gate
+from cxr_worker import gate, sop_classes
 from cxr_worker.errors import OutOfScopeError
 from cxr_worker.labels import Population
 
@@ -53,7 +53,7 @@ def test_a_frontal_chest_radiograph_passes():
 
 @pytest.mark.parametrize(("change", "rule"), [
     (lambda ds: setattr(ds, "SOPClassUID", "1.2.840.10008.5.1.4.1.1.2"), "sop_class"),
-    (lambda ds: setattr(ds, "SOPClassUID", gate.DX_PROCESSING), "sop_class"),
+    (lambda ds: setattr(ds, "SOPClassUID", sop_classes.DX_PROCESSING), "sop_class"),
     (lambda ds: setattr(ds, "Manufacturer", "cxr-worker"), "own_output"),
     (lambda ds: setattr(ds, "SOPInstanceUID", "1.2.826.0.1.3680043.8.498.7717.5"), "own_output"),
     (lambda ds: (setattr(ds, "ImageType", ["DERIVED", "SECONDARY"]),
@@ -131,7 +131,7 @@ def _nih_like(age: str) -> Dataset:
     """The header of the NIH ChestX-ray14 DICOM files: an adult whose Patient Age is a bare
     number of years, DX CHEST, Secondary Capture SOP class, no dates, no View Position."""
     ds = image(patient_age=age, view_position=None)
-    ds.SOPClassUID = gate.SECONDARY_CAPTURE
+    ds.SOPClassUID = sop_classes.SECONDARY_CAPTURE
     del ds.StudyDate
     del ds.PatientBirthDate
     return ds
@@ -157,7 +157,7 @@ def test_real_nih_files_are_labelled_outside_population(name):
 
 def test_dx_for_processing_only_when_configured():
     ds = image()
-    ds.SOPClassUID = gate.DX_PROCESSING
+    ds.SOPClassUID = sop_classes.DX_PROCESSING
     ds.PresentationIntentType = "FOR PROCESSING"
     allowed = gate.GateConfig(**{**CFG.__dict__, "accept_dx_for_processing": True})
     assert rule_of(ds) == "sop_class"

@@ -6,53 +6,33 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pytest
-from conftest import kermany_files
-from make_samples import upsample, wrap
+from conftest import spool_and_enqueue
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from cxr_worker import decode, service
+from cxr_worker import compose, decode
 from cxr_worker.jobs import Jobs
-from cxr_worker.model.preprocess import load_grey_image
 from cxr_worker.score import Scorer
 from cxr_worker.settings import Settings, Storage
-from cxr_worker.spool import Spool, atomic_write
-from cxr_worker.worklist import queue, schema
+from cxr_worker.spool import Spool
+from cxr_worker.worklist import queue
 from cxr_worker.worklist.models import Instance
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = queue.make_engine(f"sqlite:///{tmp_path / 'worklist.db'}")
-    schema.upgrade(eng)
-    yield eng
-    eng.dispose()
+def engine(sqlite_worklist: Engine) -> Engine:
+    return sqlite_worklist
 
 
 def receive(engine: Engine, spool: Spool, seed: str) -> str:
     """What the C-STORE handler does with an image: the file, then the row."""
-    ds = wrap(upsample(load_grey_image(kermany_files("NORMAL", 1)[0]), 256, 224),
-              bits_stored=12, window=True, seed=seed)
-    path = spool.image_path(ds.StudyInstanceUID, ds.SOPInstanceUID)
-
-    def write(f: BinaryIO) -> None:
-        ds.save_as(f, enforce_file_format=True)
-
-    atomic_write(path, write)
-    queue.enqueue(engine, sop_instance_uid=str(ds.SOPInstanceUID),
-                  sop_class_uid=str(ds.SOPClassUID),
-                  study_instance_uid=str(ds.StudyInstanceUID),
-                  series_instance_uid=str(ds.SeriesInstanceUID), accession_number="A1",
-                  calling_ae_title="MODALITY", spool_path=str(path),
-                  transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID))
-    return str(ds.SOPInstanceUID)
+    return spool_and_enqueue(engine, spool, seed)
 
 
 def test_stop_does_not_wait_for_a_long_decode_and_the_image_is_scored_at_the_next_start(
@@ -60,7 +40,7 @@ def test_stop_does_not_wait_for_a_long_decode_and_the_image_is_scored_at_the_nex
     data = tmp_path / "data"
     settings = Settings(storage=Storage(data_dir=str(data)))
     scorer = Scorer()
-    first = service.build_pipeline(settings, scorer, engine)
+    first = compose.build_pipeline(settings, scorer, engine)
     sop = receive(engine, first.spool, "long-decode")
 
     # a decode that takes long (a huge image): the real one, after a wait the test controls
@@ -91,7 +71,7 @@ def test_stop_does_not_wait_for_a_long_decode_and_the_image_is_scored_at_the_nex
         assert (row.status, row.lease_owner) == ("received", None)
 
     monkeypatch.setattr(decode, "display_image", real)
-    second = service.build_pipeline(settings, scorer, engine)
+    second = compose.build_pipeline(settings, scorer, engine)
     assert second.drain() == 1
     with Session(engine) as s:
         row = s.scalars(select(Instance).where(Instance.sop_instance_uid == sop)).one()

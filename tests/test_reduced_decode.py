@@ -1,6 +1,6 @@
 """Decoding only what the model needs (issue 12): reduced-resolution decoding keeps the scores.
 
-The service (the pipeline, and ``score`` and ``calibrate`` through ``pipeline.assess_file``)
+The service (the pipeline, and ``score`` and ``calibrate`` through ``assess.assess_file``)
 asks :func:`cxr_worker.decode.display_image` for ``FOR_SCORE_AND_REPORT`` (both sides >= 448,
 the longer >= 1024 for the Secondary Capture); ``FOR_SCORE`` is the model's floor alone (both
 sides >= 448). JPEG 2000 is decoded at a reduced resolution level and 8-bit JPEG with a scaled
@@ -18,7 +18,7 @@ inverse DCT; every syntax is then reduced by block means after the LUTs.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,13 +35,13 @@ from pydicom.encaps import encapsulate, generate_frames
 from sqlalchemy import Engine
 from test_decode import ENCODINGS, Encoding, run_tool, save
 
-from cxr_worker import decode, pipeline, report, service
+from cxr_worker import assess, compose, decode, report
 from cxr_worker.errors import DecodeError
 from cxr_worker.model.preprocess import INPUT_SIZE, load_grey_image
 from cxr_worker.score import Scorer
 from cxr_worker.settings import Settings, Storage
 from cxr_worker.spool import atomic_write
-from cxr_worker.worklist import queue, schema
+from cxr_worker.worklist import queue
 
 SHAPE = (2500, 2048)  # a 43 x 35 cm detector at ~170 um; 10 MB at 16 bits allocated
 ODD = (2501, 2047)  # sides that neither 2 nor 4 divide: the geometry is kept all the same
@@ -368,11 +368,8 @@ def test_the_floors_are_the_model_input_and_the_secondary_capture() -> None:
 
 # -- the callers ask for it ------------------------------------------------------------------
 @pytest.fixture
-def engine(tmp_path: Path) -> Iterator[Engine]:
-    eng = queue.make_engine(f"sqlite:///{tmp_path / 'worklist.db'}")
-    schema.upgrade(eng)
-    yield eng
-    eng.dispose()
+def engine(sqlite_worklist: Engine) -> Engine:
+    return sqlite_worklist
 
 
 def test_the_service_and_score_ask_for_the_reduced_decode(
@@ -388,11 +385,11 @@ def test_the_service_and_score_ask_for_the_reduced_decode(
     ds = wrap(upsample(load_grey_image(kermany_files("NORMAL", 1)[0]), 256, 224),
               bits_stored=12, window=True)
     path = save(ds, tmp_path / "image.dcm")
-    pipeline.assess_file(path, scorer, service.gate_config(Settings()))
+    assess.assess_file(path, scorer, compose.gate_config(Settings()))
     assert asked == [decode.FOR_SCORE_AND_REPORT]
 
     asked.clear()
-    pipe = service.build_pipeline(Settings(storage=Storage(data_dir=str(tmp_path / "d"))),
+    pipe = compose.build_pipeline(Settings(storage=Storage(data_dir=str(tmp_path / "d"))),
                                   scorer, engine)
     spooled = pipe.spool.image_path(ds.StudyInstanceUID, ds.SOPInstanceUID)
     atomic_write(spooled, lambda f: ds.save_as(f, enforce_file_format=True))

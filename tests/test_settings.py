@@ -193,9 +193,9 @@ def test_unreadable_config_file_is_reported(tmp_path):
 def test_limits_defaults_equal_the_decoders():
     """``[limits]``'s defaults are the ones :mod:`cxr_worker.decode` uses when no settings
     were given (``score`` of a file, a test), and the service passes them through."""
-    from cxr_worker import service, sizes
+    from cxr_worker import compose, sizes
 
     s = load_settings(None, environ={})
-    assert service.size_limits(s) == sizes.Limits()
+    assert compose.size_limits(s) == sizes.Limits()
     site = load_settings(None, environ={"CXR_WORKER__LIMITS__MAX_DECODED_BYTES": "2097152"})
-    assert service.size_limits(site).max_decoded_bytes == 2097152
+    assert compose.size_limits(site).max_decoded_bytes == 2097152

@@ -425,7 +425,7 @@ def test_retention_removes_files_of_finished_instances_only(engine, tmp_path):
     assert not Path(old_scored[0]).exists()
 
 
-# -- the study's date and time (receive.study_datetime) ----------------------------------------
+# -- the study's date and time (worklist.header.study_datetime) -------------------------------
 @pytest.mark.parametrize(("date", "time", "expected"), [
     ("20260101", "120000", "2026-01-01T12:00:00"),
     ("20260101", "1200", "2026-01-01T12:00:00"),  # TM may stop after the minutes or the hour
@@ -443,7 +443,7 @@ def test_study_datetime_takes_valid_values_only(date, time, expected):
     from pydicom.dataset import Dataset
     from pydicom.tag import Tag
 
-    from cxr_worker.receive import study_datetime
+    from cxr_worker.worklist.header import study_datetime
 
     ds = Dataset()  # as received: raw values, which pydicom has not checked
     for keyword, vr, value in (("StudyDate", "DA", date), ("StudyTime", "TM", time)):

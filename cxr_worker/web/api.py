@@ -34,7 +34,7 @@ from cxr_worker.web.auth import (
     unauthorized,
 )
 from cxr_worker.worklist import control, deliveries, studies, tokens
-from cxr_worker.worklist.models import Delivery, Instance
+from cxr_worker.worklist.models import Delivery, Instance, Status
 from cxr_worker.worklist.tokens import Principal
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def instance_json(r: Instance, outputs: list[Delivery] | None = None) -> dict[st
     }
 
 
-_WITH_RESULT = ("scored", "sent", "held")
+_WITH_RESULT = (Status.SCORED, Status.SENT, Status.HELD)
 
 
 def instances_json(engine: Any, rows: list[Instance]) -> list[dict[str, Any]]:
@@ -303,6 +303,7 @@ class Api:
         if n == 0:
             raise ApiError(409, "no image of this study is kept any more (retention)")
         logger.info("replay of study %s (%d images) requested by %s", uid, n, who.name)
+        self.ctx.readiness.wake("process")
         return JSONResponse({"study_instance_uid": uid, "requeued": n}, 202)
 
     # -- instances ----------------------------------------------------------------------
@@ -341,6 +342,8 @@ class Api:
         if what is None:
             raise ApiError(404, "no such image in the worklist")
         logger.info("dead letter %s retried (%s) by %s", sop, what, who.name)
+        for kind in ("process", "send"):
+            self.ctx.readiness.wake(kind)
         return JSONResponse({"sop_instance_uid": sop, "retry": what}, 202)
 
     # -- sending, admin -----------------------------------------------------------------
@@ -353,6 +356,7 @@ class Api:
     async def _sending(self, who: Principal, paused: bool) -> Response:
         await self.db(control.set_sending_paused, paused, who.name)
         logger.info("sending %s by %s", "paused" if paused else "resumed", who.name)
+        self.ctx.readiness.wake("send")
         return JSONResponse(await self.db(_sending_state))
 
     async def admin_summary(self, request: Request, who: Principal) -> Response:

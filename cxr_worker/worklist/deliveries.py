@@ -113,24 +113,25 @@ def _leased(row: Delivery, now: dt.datetime) -> bool:
 
 def previous(engine: Engine, instance_id: int) -> dict[str, Previous]:
     """The image's current ``sc``, ``sr`` and ``hl7`` deliveries, by kind."""
+    return history(engine, instance_id)[0]
+
+
+def history(engine: Engine, instance_id: int) -> tuple[dict[str, Previous], set[str]]:
+    """:func:`previous` and :func:`used_uids` from one query."""
     now = utcnow()
     with Session(engine) as s:
-        rows = s.scalars(select(Delivery).where(
-            Delivery.instance_id == instance_id, Delivery.superseded_at.is_(None),
-            Delivery.kind != "kos").order_by(Delivery.id)).all()
-        out: dict[str, Previous] = {}
-        for r in rows:
-            out[r.kind] = Previous(
-                r.id, r.kind, r.status, r.result_uid, r.sop_class_uid, r.series_instance_uid,
-                r.path, r.attempts, _leased(r, now), r.label, r.threshold, r.model_version)
-        return out
+        rows = s.scalars(select(Delivery).where(Delivery.instance_id == instance_id)
+                         .order_by(Delivery.id)).all()
+        current = {r.kind: Previous(
+            r.id, r.kind, r.status, r.result_uid, r.sop_class_uid, r.series_instance_uid,
+            r.path, r.attempts, _leased(r, now), r.label, r.threshold, r.model_version)
+            for r in rows if r.superseded_at is None and r.kind != "kos"}
+        return current, {r.result_uid for r in rows}
 
 
 def used_uids(engine: Engine, instance_id: int) -> set[str]:
     """Every result UID the image's deliveries ever had (a withdrawn UID is never reused)."""
-    with Session(engine) as s:
-        return set(s.scalars(select(Delivery.result_uid).where(
-            Delivery.instance_id == instance_id)))
+    return history(engine, instance_id)[1]
 
 
 # -- the plan ---------------------------------------------------------------------------------
@@ -238,6 +239,29 @@ def refresh_instance(s: Session, instance_id: int) -> None:
 
 
 # -- claims -----------------------------------------------------------------------------------
+def lease_current(s: Session, instance_id: int, *, owner: str, lease_seconds: float,
+                  kinds: Collection[str], sop_instance_uid: str, study_instance_uid: str
+                  ) -> list[DeliveryJob]:
+    """Lease the image's pending current deliveries of ``kinds`` to ``owner``, in the caller's
+    transaction (the one that records them, :func:`apply_plan`): the scoring hands them to
+    its own sender without a claim. Returns them, oldest first."""
+    now = utcnow()
+    rows = s.scalars(select(Delivery).where(
+        Delivery.instance_id == instance_id, Delivery.superseded_at.is_(None),
+        Delivery.status == DeliveryStatus.PENDING, Delivery.kind.in_(list(kinds)),
+        Delivery.next_attempt_at <= now).order_by(Delivery.id)).all()
+    out = []
+    for row in rows:
+        if _leased(row, now):  # another owner's send of it in progress
+            continue
+        row.lease_owner = owner
+        row.lease_expires_at = now + dt.timedelta(seconds=lease_seconds)
+        out.append(DeliveryJob(row.id, instance_id, row.kind, row.status, row.attempts,
+                               row.result_uid, row.path, sop_instance_uid,
+                               study_instance_uid))
+    return out
+
+
 def claim(engine: Engine, owner: str, lease_seconds: float, kinds: Collection[str],
           only_instance_ids: Collection[int] | None = None) -> DeliveryJob | None:
     """Lease the next due delivery of ``kinds`` (oldest first; among the deliveries of
@@ -275,6 +299,20 @@ def claim(engine: Engine, owner: str, lease_seconds: float, kinds: Collection[st
                                    row.result_uid, row.path, inst.sop_instance_uid,
                                    inst.study_instance_uid)
     return None
+
+
+def next_due(engine: Engine, kinds: Collection[str]) -> dt.datetime | None:
+    """When the next delivery of ``kinds`` becomes due that is not due now (a retry, or the
+    end of a lease); None when there is none (see :func:`.queue.next_due`)."""
+    now = utcnow()
+    with Session(engine) as s:
+        retry, lease = s.execute(
+            select(func.min(Delivery.next_attempt_at).filter(Delivery.next_attempt_at > now),
+                   func.min(Delivery.lease_expires_at).filter(Delivery.lease_expires_at >= now))
+            .where(Delivery.status.in_(OPEN), Delivery.superseded_at.is_(None),
+                   Delivery.kind.in_(list(kinds)))
+        ).one()
+    return min((t for t in (retry, lease) if t is not None), default=None)
 
 
 def _finish(engine: Engine, job: DeliveryJob, owner: str,

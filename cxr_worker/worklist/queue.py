@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-from sqlalchemy import Engine, create_engine, event, or_, select, true, update
+from sqlalchemy import Engine, create_engine, event, func, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -69,6 +69,10 @@ class Job:
     @classmethod
     def of(cls, row: Instance) -> Job:
         return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})
+
+
+# a claim's RETURNING columns, in the order of Job's fields
+JOB_COLUMNS = [getattr(Instance, f.name) for f in fields(Job)]
 
 
 @dataclass(frozen=True)
@@ -169,41 +173,48 @@ def _reset(row: Instance, now: dt.datetime) -> None:
 
 def claim(engine: Engine, kind: Kind, owner: str, lease_seconds: float,
           only_ids: Collection[int] | None = None) -> Job | None:
-    """Lease the next due job of ``kind`` (oldest first, among ``only_ids`` if given)."""
+    """Lease the next due job of ``kind`` (oldest first, among ``only_ids`` if given).
+
+    One statement: ``UPDATE ... WHERE id = (SELECT ... LIMIT 1 FOR UPDATE SKIP LOCKED)
+    RETURNING ...`` (on SQLite, whose writers take turns, without the row lock)."""
     if kind != "process":
         raise ValueError(f"no {kind!r} queue: results go out through their deliveries")
     status = Status.RECEIVED
     now = utcnow()
+    free = or_(Instance.lease_expires_at.is_(None), Instance.lease_expires_at < now)
+    due = (
+        select(Instance.id)
+        .where(Instance.status == status, Instance.next_attempt_at <= now, free)
+        .where(Instance.id.in_(list(only_ids)) if only_ids is not None else true())
+        .order_by(Instance.next_attempt_at, Instance.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
     with Session(engine) as s, s.begin():
-        candidates = (
-            select(Instance.id)
-            .where(
-                Instance.status == status,
-                Instance.next_attempt_at <= now,
-                or_(Instance.lease_expires_at.is_(None), Instance.lease_expires_at < now),
-            )
+        row = s.execute(
+            update(Instance)
+            .where(Instance.id == due, Instance.status == status, free)
+            .values(lease_owner=owner,
+                    lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
+            .returning(*JOB_COLUMNS)
+        ).one_or_none()
+    return Job(*row) if row is not None else None
+
+
+def next_due(engine: Engine, only_ids: Collection[int] | None = None) -> dt.datetime | None:
+    """When the next job becomes due that is not due now: the earliest retry, or the end of
+    a lease (a worker that died); None when there is none. A loop with nothing to do sleeps
+    until then (or until woken), instead of polling."""
+    now = utcnow()
+    with Session(engine) as s:
+        retry, lease = s.execute(
+            select(func.min(Instance.next_attempt_at).filter(Instance.next_attempt_at > now),
+                   func.min(Instance.lease_expires_at).filter(Instance.lease_expires_at >= now))
+            .where(Instance.status == Status.RECEIVED)
             .where(Instance.id.in_(list(only_ids)) if only_ids is not None else true())
-            .order_by(Instance.next_attempt_at, Instance.id)
-            .limit(5)
-            .with_for_update(skip_locked=True)
-        )
-        for job_id in s.scalars(candidates).all():
-            res = s.execute(
-                update(Instance)
-                .where(
-                    Instance.id == job_id,
-                    Instance.status == status,
-                    or_(Instance.lease_expires_at.is_(None), Instance.lease_expires_at < now),
-                )
-                .values(lease_owner=owner,
-                        lease_expires_at=now + dt.timedelta(seconds=lease_seconds))
-            )
-            if res.rowcount == 1:  # type: ignore[attr-defined]
-                row = s.get(Instance, job_id)
-                assert row is not None
-                s.refresh(row)
-                return Job.of(row)
-    return None
+        ).one()
+    return min((t for t in (retry, lease) if t is not None), default=None)
 
 
 def _finish(engine: Engine, job: Job, owner: str, *,

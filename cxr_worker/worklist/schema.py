@@ -10,11 +10,13 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, exc, make_url
+from sqlalchemy import Engine, exc, make_url, text
 
 from cxr_worker.errors import CxrWorkerError, StartupError
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+# pg_advisory_xact_lock key held while migrating ("cxrw" as an integer)
+MIGRATION_LOCK = 0x63787277
 
 
 def _config() -> Config:
@@ -38,6 +40,10 @@ def upgrade(engine: Engine, revision: str = "head") -> str | None:
     """Bring the schema to ``revision``; returns the revision now in place."""
     cfg = _config()
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            # several processes starting at once (scale-out) migrate one at a time; the
+            # lock ends with this transaction
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
     return current_revision(engine)

@@ -51,7 +51,7 @@ from pynetdicom.dsutils import split_dataset
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from cxr_worker import decode, receive, service, sizes
+from cxr_worker import compose, decode, receive, sizes
 from cxr_worker.errors import DecodeError, LimitExceededError
 from cxr_worker.score import Scorer
 from cxr_worker.settings import Settings, Storage
@@ -389,7 +389,7 @@ def test_an_oversize_data_set_is_dropped_as_it_arrives(site: tuple[Any, Spool],
 
     monkeypatch.setattr(receive, "handle_store", spy)
     limits = sizes.Limits(max_dataset_bytes=1 * MiB)
-    scp = receive.make_ae(service.listener_config(Settings()))
+    scp = receive.make_ae(compose.listener_config(Settings()))
     port = free_port()
     server = scp.start_server(("127.0.0.1", port), block=False,
                               evt_handlers=receive.handlers(engine, spool, lambda: None, limits))
@@ -423,7 +423,7 @@ def test_limits_in_the_pipeline_quarantine_with_the_setting_named(
     lowered, a replay): not scored, the reason naming the limit, the file quarantined."""
     engine, spool = site
     settings = Settings(storage=Storage(data_dir=str(spool.spool_dir.parent)))
-    pipeline = service.build_pipeline(settings, Scorer(), engine)
+    pipeline = compose.build_pipeline(settings, Scorer(), engine)
     for i, (path, setting) in enumerate([
             (write_rle_bomb(tmp_path / "rle.dcm"), "limits.max_decoded_bytes"),
             (write_deflate_bomb(tmp_path / "deflate.dcm", inflated=96 * MiB),

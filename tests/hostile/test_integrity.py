@@ -31,7 +31,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
-from cxr_worker import decode, receive, report, service
+from cxr_worker import compose, decode, receive, report
 from cxr_worker.errors import DecodeError
 from cxr_worker.labels import Label, Population
 from cxr_worker.model.preprocess import load_grey_image
@@ -100,7 +100,7 @@ def scorer() -> Scorer:
 
 
 def pipeline(site: Site, scorer: Scorer) -> Pipeline:
-    return service.build_pipeline(Settings(storage=Storage(data_dir=str(site.data_dir))), scorer,
+    return compose.build_pipeline(Settings(storage=Storage(data_dir=str(site.data_dir))), scorer,
                                   site.engine)
 
 
