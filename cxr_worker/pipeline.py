@@ -181,6 +181,10 @@ class Pipeline:
             # the row follows a quarantined file, so replay and retention still find it
             queue.mark_not_scored(self.engine, job, self.owner, outcome.reason,
                                   **outcome.extra)
+        elif isinstance(outcome, Crashed) and self.stopping.is_set():
+            # a worker process stopped by the shutdown: not an attempt; the lease is given
+            # back with the others and the image processed at the next start
+            logger.info("processing %s interrupted by the shutdown", job.sop_instance_uid)
         elif isinstance(outcome, Crashed):
             logger.error("processing %s failed: %s%s", job.sop_instance_uid, outcome.error,
                          f"\n{outcome.trace.rstrip()}" if outcome.trace else "")

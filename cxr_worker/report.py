@@ -29,6 +29,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from collections.abc import Callable
@@ -165,11 +166,17 @@ NEGATIVE_COLOUR = (20, 90, 40)
 POPULATION_WARNING_COLOUR = (255, 200, 0)  # amber strip, black text: outside / unknown
 
 
+@functools.lru_cache(maxsize=64)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's default font at ``size``, loaded once per size (each load parses the font)."""
+    return ImageFont.load_default(size=size)
+
+
 def _fitting_font(draw: ImageDraw.ImageDraw, text: str, size: int,
                   max_width: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """The default font at ``size``, smaller only if ``text`` would not fit ``max_width``."""
     while True:
-        font = ImageFont.load_default(size=size)
+        font = _font(size)
         if size <= 10 or draw.textlength(text, font=font) <= max_width:
             return font
         size -= 1
@@ -200,8 +207,7 @@ def render(display: NDArray[np.floating], lines: list[str], suspected: bool,
     for i, text in enumerate(lines):
         big = i < HEADLINES
         head, sep, detail = text.partition(" (")
-        too_wide = measure.textlength(
-            text, font=ImageFont.load_default(size=big_size)) > width - 2 * pad
+        too_wide = measure.textlength(text, font=_font(big_size)) > width - 2 * pad
         if i == 1 and too_wide and sep:
             rows += [(head, big_size, True), (f"({detail}", font_size, True)]
         else:
@@ -223,22 +229,32 @@ def render(display: NDArray[np.floating], lines: list[str], suspected: bool,
         draw.text((pad, y), text, fill=ink, font=_fitting_font(draw, text, sz, width - 2 * pad))
         y += lh
     if heat is not None:
-        _colour_bar(draw, pad, y, font_size)
+        _colour_bar(canvas, draw, pad, y, font_size)
     picture = grey.convert("RGB") if heat is None else overlay(grey, heat)
     canvas.paste(picture, ((width - size[0]) // 2, banner_h))
     return np.asarray(canvas, dtype=np.uint8)
 
 
-def _colour_bar(draw: ImageDraw.ImageDraw, x: int, y: int, font_size: int) -> None:
+def _colour_bar(canvas: Image.Image, draw: ImageDraw.ImageDraw, x: int, y: int,
+                font_size: int) -> None:
     """ "low [blue ... red] high" at (x, y): the heatmap's colours at full strength."""
-    font = ImageFont.load_default(size=font_size)
+    font = _font(font_size)
     draw.text((x, y), "low", fill=(255, 255, 255), font=font)
     x0 = x + int(draw.textlength("low ", font=font))
+    bar = _bar(font_size)
+    canvas.paste(bar, (x0, y + font_size // 6))
+    draw.text((x0 + bar.width + font_size // 3, y), "high", fill=(255, 255, 255), font=font)
+
+
+@functools.lru_cache(maxsize=8)
+def _bar(font_size: int) -> Image.Image:
+    """The colour bar's pixels: ``12 * font_size`` columns of the heatmap's colours, low to
+    high, from ``font_size // 6`` to ``font_size`` (inclusive) below the line's top."""
     bar_w = 12 * font_size
-    colours = np.rint(_ramp(np.linspace(0.0, 1.0, bar_w)) * 255).astype(int)
-    for i, (r, g, b) in enumerate(colours):
-        draw.line([(x0 + i, y + font_size // 6), (x0 + i, y + font_size)], fill=(r, g, b))
-    draw.text((x0 + bar_w + font_size // 3, y), "high", fill=(255, 255, 255), font=font)
+    colours = np.rint(_ramp(np.linspace(0.0, 1.0, bar_w)) * 255).astype(np.uint8)
+    rows = font_size - font_size // 6 + 1
+    return Image.fromarray(np.ascontiguousarray(np.broadcast_to(colours, (rows, bar_w, 3))),
+                           mode="RGB")
 
 
 # Type 2 attributes highdicom copies from the source and validates (raising ValueError), with

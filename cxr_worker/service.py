@@ -28,7 +28,7 @@ from cxr_worker.compose import (
     size_limits,
 )
 from cxr_worker.errors import StartupError
-from cxr_worker.heap import raise_mmap_threshold
+from cxr_worker.heap import keep_freed_heap
 from cxr_worker.http import HttpServer
 from cxr_worker.jobs import Jobs
 from cxr_worker.lifecycle import wait_for_stop_signal
@@ -93,7 +93,7 @@ def serve(s: Settings, migrate: bool = True) -> int:
     Processes with other roles share the worklist (PostgreSQL) and ``storage.data_dir``."""
     t0 = time.monotonic()
     roles = job_roles(s)
-    raise_mmap_threshold()
+    keep_freed_heap()  # receive buffers reused, not faulted in again for every image
     prepare_data_dir(s)
     listener_tls = tls.server_context(s.listener)  # TLS files checked before anything starts
     pacs_peer(s)  # likewise the PACS's

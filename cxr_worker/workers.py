@@ -13,8 +13,10 @@ shares an interpreter with a decode.
 A worker process that dies (killed, a decoder that crashes in native code) costs the jobs it
 held one attempt each (retried with backoff, then the dead letter: an image that kills its
 decoder every time ends there instead of taking the service down); the pool is started again
-for the next job. Worker processes ignore SIGINT and SIGTERM: the service decides when they
-end, and they end when it does, within half a second even after a ``kill -9`` of it.
+for the next job. Worker processes ignore SIGINT (a Ctrl-C reaches the whole process group:
+the service shuts down in order) and end on SIGTERM (the pool's own way of stopping them;
+the systemd unit's ``KillMode=mixed`` sends it to the service only), and they end when the
+service does, within half a second even after a ``kill -9`` of it.
 """
 
 from __future__ import annotations
@@ -79,8 +81,7 @@ def _start(spec: ProcessorSpec, parent: int) -> None:
     """A worker process's start: as the service logs (same format, value warnings kept
     out), files private to the user, lower CPU priority than the service (a modality's
     C-STORE is answered before a decode goes on), glibc's heap kept between images."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the service's to handle
     threading.Thread(target=_end_with, args=(parent,), name="cxr-parent", daemon=True).start()
     os.umask(0o077)
     logs.configure(spec.log_level, "json" if spec.log_json else "text")
