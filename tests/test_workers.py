@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from conftest import spool_and_enqueue, wait_until
+from hostile import attacks
 from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session
 
@@ -189,20 +190,6 @@ def test_worker_processes_score_and_one_killed_while_idle_costs_no_attempt(
         pipeline.workers.shutdown()
 
 
-def _children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid``."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                status = (entry / "status").read_text()
-            except OSError:
-                continue
-            if f"\nPPid:\t{pid}\n" in status:
-                out.append(int(entry.name))
-    return out
-
-
 def _alive(pid: int) -> bool:
     try:
         return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
@@ -214,7 +201,7 @@ def test_the_worker_processes_end_with_the_service_even_after_kill_9(make_worker
     worker = make_worker(None, **{"CXR_WORKER__JOBS__WORKERS": "2"})
     assert worker.proc is not None
     assert "2 worker process(es)" in worker.text()
-    children = _children(worker.proc.pid)
+    children = attacks.children(worker.proc.pid)
     assert len(children) >= 2  # the worker processes (and multiprocessing's tracker)
     os.kill(worker.proc.pid, signal.SIGKILL)
     worker.proc.wait(10)

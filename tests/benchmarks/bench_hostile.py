@@ -234,7 +234,7 @@ class Bench:
 
     def peak(self, w: Worker, row: Row) -> None:
         assert w.proc is not None
-        row.peak_mb = attacks.vm_hwm_mb(w.proc.pid)
+        row.peak_mb = attacks.peak_mb(w.proc.pid)
 
 
 def instances(w: Worker) -> list[tuple[str, str, str | None, str, str | None]]:

@@ -61,6 +61,32 @@ def vm_hwm_mb(pid: int) -> float:
     raise AssertionError("no VmHWM")
 
 
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (a service's worker processes)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text(encoding="ascii", errors="replace")
+            except OSError:
+                continue
+            if f"\nPPid:\t{pid}\n" in status:
+                out.append(int(entry.name))
+    return out
+
+
+def peak_mb(pid: int) -> float:
+    """The largest peak resident memory (VmHWM) of process ``pid`` and of each of its child
+    processes, MB: the service's decoding runs in its worker processes."""
+    peaks = [vm_hwm_mb(pid)]
+    for child in children(pid):
+        try:
+            peaks.append(vm_hwm_mb(child))
+        except (OSError, AssertionError):  # ended meanwhile
+            continue
+    return max(peaks)
+
+
 # -- raw connections --------------------------------------------------------------------------
 def connect(port: int, data: bytes, source: str = "127.0.0.1") -> socket.socket:
     """A raw TCP connection from ``source`` that sends ``data`` and then nothing."""

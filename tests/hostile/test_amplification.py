@@ -24,7 +24,7 @@ from typing import Any
 import attacks
 import numpy as np
 import pytest
-from attacks import send_raw, vm_hwm_mb
+from attacks import send_raw
 from bombs import (
     CR,
     radiograph_header,
@@ -446,8 +446,9 @@ def test_limits_in_the_pipeline_quarantine_with_the_setting_named(
 
 # -- end to end: the attacks against cxr-worker serve ----------------------------------------
 def vm_hwm_kb(worker: Worker) -> int:
+    """The largest peak memory of the service and of each of its worker processes."""
     assert worker.proc is not None
-    return round(vm_hwm_mb(worker.proc.pid) * 1024)
+    return round(attacks.peak_mb(worker.proc.pid) * 1024)
 
 
 def echoscu(port: int) -> float:
