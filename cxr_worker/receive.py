@@ -180,7 +180,8 @@ def _write_part10(event: Any) -> Callable[[BinaryIO], None]:
     def write(f: BinaryIO) -> None:
         f.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(DicomFileLike(f), event.file_meta)
-        f.write(event.request.DataSet.getvalue())
+        with event.request.DataSet.getbuffer() as received:  # no 10 MB copy of it
+            f.write(received)
 
     return write
 
