@@ -10,10 +10,11 @@ worker process only reads the spooled file and writes the result files, and what
 comes back as a small :data:`~cxr_worker.processing.Outcome`. The C-STORE handler never
 shares an interpreter with a decode.
 
-A worker process that dies (killed, a decoder that crashes in native code) costs the jobs it
-held one attempt each (retried with backoff, then the dead letter: an image that kills its
-decoder every time ends there instead of taking the service down); the pool is started again
-for the next job. Worker processes ignore SIGINT (a Ctrl-C reaches the whole process group:
+A worker process that dies (killed, a decoder that crashes in native code) breaks the pool:
+the jobs in its processes at that moment (its own and the other processes') cost one attempt
+each (retried with backoff, then the dead letter: an image that kills its decoder every time
+ends there instead of taking the service down); the pool is started again for the next job.
+One that died while idle costs nothing. Worker processes ignore SIGINT (a Ctrl-C reaches the whole process group:
 the service shuts down in order) and end on SIGTERM (the pool's own way of stopping them;
 the systemd unit's ``KillMode=mixed`` sends it to the service only), and they end when the
 service does, within half a second even after a ``kill -9`` of it.
