@@ -14,10 +14,10 @@ A worker process that dies (killed, a decoder that crashes in native code) break
 the jobs in its processes at that moment (its own and the other processes') cost one attempt
 each (retried with backoff, then the dead letter: an image that kills its decoder every time
 ends there instead of taking the service down); the pool is started again for the next job.
-One that died while idle costs nothing. Worker processes ignore SIGINT (a Ctrl-C reaches the whole process group:
-the service shuts down in order) and end on SIGTERM (the pool's own way of stopping them;
-the systemd unit's ``KillMode=mixed`` sends it to the service only), and they end when the
-service does, within half a second even after a ``kill -9`` of it.
+One that died while idle costs nothing. Worker processes ignore SIGINT (a Ctrl-C reaches the
+whole process group: the service shuts down in order) and end on SIGTERM (the pool's own way
+of stopping them; the systemd unit's ``KillMode=mixed`` sends it to the service only), and
+they end when the service does, within half a second even after a ``kill -9`` of it.
 """
 
 from __future__ import annotations
