@@ -31,8 +31,8 @@ STAGES = {
 # every module of the package (by import name, without "cxr_worker."; "" is the package
 # itself) in one layer; a new module fails test_every_module_is_placed until it is put in one
 LAYERS: dict[str, set[str]] = {
-    # shared words and helpers: import no other layer
-    "shared": {"", "errors", "labels", "text", "logs", "sop_classes", "inputs", "heap"},
+    # common words and helpers: import no other layer
+    "common": {"", "errors", "labels", "text", "logs", "sop_classes", "inputs", "heap"},
     # the model's files, preprocessing contract and runtime (LiteRT, NumPy)
     "model": {"model", "model.architecture", "model.calibration", "model.card",
               "model.heatmap", "model.metrics", "model.preprocess", "model.runtime"},
@@ -55,20 +55,20 @@ LAYERS: dict[str, set[str]] = {
                  "training.finalize", "training.gradcam", "training.robustness",
                  "training.train", "training.verify"},
 }
-_BELOW_WIRING = {"shared", "model", "stage", "worklist", "settings", "runtime"}
+_BELOW_WIRING = {"common", "model", "stage", "worklist", "settings", "runtime"}
 # layer -> the layers (or single modules) its modules may import
 MAY_IMPORT: dict[str, set[str]] = {
-    "shared": {"shared"},
-    "model": {"shared", "model"},
-    "stage": {"shared", "model", "stage", "worklist"},  # and each stage only its STAGES entry
+    "common": {"common"},
+    "model": {"common", "model"},
+    "stage": {"common", "model", "stage", "worklist"},  # and each stage only its STAGES entry
     # gate: the rules' names (reasons); spool: what a valid UID is (header)
-    "worklist": {"shared", "worklist", "gate", "spool"},
-    "settings": {"shared", "settings", "hl7v2", "send"},  # [hl7]'s builder; the PACS peer
+    "worklist": {"common", "worklist", "gate", "spool"},
+    "settings": {"common", "settings", "hl7v2", "send"},  # [hl7]'s builder; the PACS peer
     "runtime": _BELOW_WIRING,
     "wiring": _BELOW_WIRING,
     "root": _BELOW_WIRING | {"wiring", "root"},
     "commands": _BELOW_WIRING | {"wiring", "root", "commands", "training"},
-    "training": {"shared", "model", "training", "score"},
+    "training": {"common", "model", "training", "score"},
 }
 # not modules: alembic's scripts, run by alembic (cxr_worker.worklist.schema)
 NOT_MODULES = ("worklist/migrations/",)
@@ -148,7 +148,7 @@ def test_the_contract_fails_a_sideways_import(tmp_path: Path):
     sideways.write_text(decode_src + "\n\ndef _late():\n    from cxr_worker import report\n")
     used = {m.split(".")[1] for m in _imports(sideways) if m.startswith("cxr_worker.")}
     assert "report" in used and not used <= STAGES["decode"]
-    assert _layer("report") not in MAY_IMPORT["shared"]
+    assert _layer("report") not in MAY_IMPORT["common"]
 
 
 def test_tensorflow_only_in_model_and_training_code():
