@@ -158,7 +158,7 @@ def test_a_delivery_superseded_while_it_was_sent_is_recorded_as_sent(engine):
     sc = deliveries.claim(engine, "w", 60, ("sc",))
     sr = deliveries.claim(engine, "w", 60, ("sr",))
     assert sc is not None and sr is not None
-    previous = deliveries.previous(engine, row_id)
+    previous = deliveries.history(engine, row_id)[0]
     assert previous["sc"].may_be_delivered and previous["sr"].may_be_delivered
     queue.requeue(engine, [row_id])
     _score(engine, row_id, [Planned("sc", "9.3", "/b.dcm"), Planned("sr", "9.4", "/b.sr"),

@@ -111,13 +111,9 @@ def _leased(row: Delivery, now: dt.datetime) -> bool:
         and row.lease_expires_at >= now
 
 
-def previous(engine: Engine, instance_id: int) -> dict[str, Previous]:
-    """The image's current ``sc``, ``sr`` and ``hl7`` deliveries, by kind."""
-    return history(engine, instance_id)[0]
-
-
 def history(engine: Engine, instance_id: int) -> tuple[dict[str, Previous], set[str]]:
-    """:func:`previous` and :func:`used_uids` from one query."""
+    """The image's current ``sc``, ``sr`` and ``hl7`` deliveries by kind, and every result UID
+    its deliveries ever had (a withdrawn UID is never reused), from one query."""
     now = utcnow()
     with Session(engine) as s:
         rows = s.scalars(select(Delivery).where(Delivery.instance_id == instance_id)
@@ -127,11 +123,6 @@ def history(engine: Engine, instance_id: int) -> tuple[dict[str, Previous], set[
             r.path, r.attempts, _leased(r, now), r.label, r.threshold, r.model_version)
             for r in rows if r.superseded_at is None and r.kind != "kos"}
         return current, {r.result_uid for r in rows}
-
-
-def used_uids(engine: Engine, instance_id: int) -> set[str]:
-    """Every result UID the image's deliveries ever had (a withdrawn UID is never reused)."""
-    return history(engine, instance_id)[1]
 
 
 # -- the plan ---------------------------------------------------------------------------------
